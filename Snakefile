@@ -1,0 +1,53 @@
+# SemVLP workflow: images -> region features -> alternating pre-training -> fine-tuning -> results tables.
+# Thin entry point: config, validation, rule files. All logic lives in the `semvlp` package.
+
+from snakemake.exceptions import WorkflowError
+from semvlp import tracking
+from semvlp.config import ConfigError, validate_config
+
+
+configfile: "config/config.yaml"
+
+
+try:
+    validate_config(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+
+wildcard_constraints:
+    image_set="|".join(config['regions']['image_sets']),
+    variant="[A-Za-z0-9_-]+",
+    task="|".join(config["finetune"]["tasks"]),
+    seed=r"\d+",
+    index=r"\d+",
+    shard=r"\d+",
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/regions.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        "results/all.tsv",
+        "results/all.md",
+    default_target: True
+
+
+# Tracking settings are read from the config by the jobs, not passed as params: where runs are logged
+# changes no result, so it must not make Snakemake rerun anything.
+onstart:
+    tracking.begin_invocation(config)
+
+
+onsuccess:
+    tracking.end_invocation(config, success=True)
+
+
+onerror:
+    tracking.end_invocation(config, success=False)

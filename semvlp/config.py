@@ -1,0 +1,112 @@
+"""Workflow configuration: schema validation with one clear message, defaults, derived values."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key (dotted path) and the problem."""
+
+
+def _key_path(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _with_defaults(validator_class):
+    """A validator class that also fills in each property's schema `default` where it is missing."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One line naming the offending key; unknown keys are named themselves, not their parent."""
+    path = list(error.absolute_path)
+    if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
+        known = set(error.schema.get("properties", {}))
+        unknown = sorted(k for k in error.instance if k not in known)
+        if unknown:
+            return f"config key '{_key_path(path + [unknown[0]])}': unknown key (not in the schema)"
+    if error.validator == "required":
+        return f"config key '{_key_path(path)}': {error.message}"
+    if error.validator == "propertyNames":
+        return f"config key '{_key_path(path)}': invalid name {error.instance!r} ({error.message})"
+    return f"config key '{_key_path(path)}': {error.message}"
+
+
+def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    """Check `config` against the schema and the rules a schema cannot say; fill in defaults in place.
+
+    Raises ConfigError with one message naming the first offending key.
+    """
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        # Prefer the deepest error: it names the exact key rather than an enclosing object.
+        deepest = max(errors, key=lambda e: len(e.absolute_path))
+        raise ConfigError(_describe(deepest))
+    _check_relations(config)
+    return config
+
+
+def _check_relations(config: dict[str, Any]) -> None:
+    def fail(key: str, problem: str):
+        raise ConfigError(f"config key '{key}': {problem}")
+
+    gen = config["data"].get("generate")
+    if gen and gen["min_objects"] > gen["max_objects"]:
+        fail("data.generate.min_objects", f"{gen['min_objects']} is larger than max_objects {gen['max_objects']}")
+    sel = config["regions"]["selection"]
+    if sel["min_boxes"] > sel["max_boxes"]:
+        fail("regions.selection.min_boxes", f"{sel['min_boxes']} is larger than max_boxes {sel['max_boxes']}")
+    backend = config["regions"]["backend"]
+    if backend not in config["regions"] and backend != "torchvision":
+        fail(f"regions.{backend}", f"backend '{backend}' needs a regions.{backend} section")
+    if backend == "tsv":
+        missing = [s for s in config["regions"]["image_sets"] if s not in config["regions"]["tsv"]]
+        if missing:
+            fail(f"regions.tsv.{missing[0]}", "no TSV file named for this image set")
+    if backend == "torchvision":
+        tv = config["regions"].setdefault("torchvision", {"backbone": "tiny", "weights": None, "representation_size": 1024})
+        if tv.get("weights") is None and "train_detector" not in config["regions"]:
+            fail("regions.torchvision.weights", "null (train a detector) needs a regions.train_detector section")
+    model = config["model"]
+    if model["hidden_size"] % model["num_heads"]:
+        fail("model.num_heads", f"{model['num_heads']} does not divide hidden_size {model['hidden_size']}")
+    for name, variant in config["pretrain"]["variants"].items():
+        k = variant.get("model", {}).get("cross_layers", model["cross_layers"])
+        if k > model["num_layers"]:
+            key = f"pretrain.variants.{name}.model.cross_layers" if "model" in variant else "model.cross_layers"
+            fail(key, f"{k} cross-attention layers but the model has {model['num_layers']} layers")
+    for i, variant in enumerate(config["report"]["variants"]):
+        if variant not in config["pretrain"]["variants"]:
+            fail(f"report.variants.{i}", f"'{variant}' is not a variant in pretrain.variants")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    config = yaml.safe_load(path.read_text())
+    return validate_config(config)
+
+
+def variant_model_config(config: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The model section with the variant's overrides applied."""
+    model = dict(config["model"])
+    model.update(config["pretrain"]["variants"][variant].get("model", {}))
+    return model

@@ -1,0 +1,91 @@
+# Helpers shared by the stage files: paths, per-variant schedules, code fingerprints.
+
+import os
+
+from semvlp.config import variant_model_config
+from semvlp.data import layout
+from semvlp.io import code_fingerprint
+
+
+DATA_ROOT = config["data"]["root"]
+TASKS = list(config["finetune"]["tasks"])
+SEEDS = config["finetune"]["seeds"]
+IMAGE_SETS = config["regions"]["image_sets"]
+# The image set each task reads (DEVELOPERS.md, "Image sets").
+TASK_IMAGE_SET = {"vqa": "coco", "gqa": "gqa", "nlvr2": "nlvr2", "retrieval": "flickr30k"}
+# The image set of each pre-training corpus source.
+SOURCE_IMAGE_SET = {"coco_captions": "coco", "vqa": "coco", "gqa": "gqa"}
+ENV = "../../envs/semvlp.yaml"
+RUN_JOB = "../scripts/run_job.py"
+
+
+def features(image_set):
+    return f"results/features/{image_set}.h5"
+
+
+def pretrain_features():
+    sets = {SOURCE_IMAGE_SET[s] for s in config["data"]["corpus"]["sources"]}
+    return {s: features(s) for s in sorted(sets)}
+
+
+def tokenizer_vocab():
+    """The WordPiece vocabulary: trained on the corpus (scratch) or the BERT checkpoint's own."""
+    init = config["model"]["init"]
+    return "results/tokenizer/vocab.txt" if init == "scratch" else f"{init}/vocab.txt"
+
+
+def task_inputs(wildcards):
+    task = config["finetune"]["tasks"][wildcards.task]
+    files = layout.task_files(wildcards.task, DATA_ROOT, task["train_split"], task["eval_splits"])
+    return {name: str(path) for name, path in files.items()}
+
+
+def parent_dir(name):
+    """A param holding the folder of input `name` (derived from the input, as --lint asks)."""
+    return lambda wildcards, input: os.path.dirname(input[name])
+
+
+def schedule(variant):
+    return config["pretrain"]["variants"][variant]["phases"]
+
+
+def final_checkpoint(wildcards):
+    return f"results/pretrain/{wildcards.variant}/phase{len(schedule(wildcards.variant))}.pt"
+
+
+def previous_checkpoint(wildcards):
+    return f"results/pretrain/{wildcards.variant}/phase{int(wildcards.index) - 1}.pt"
+
+
+def phase_mode(wildcards):
+    phases = schedule(wildcards.variant)
+    index = int(wildcards.index)
+    if not 1 <= index <= len(phases):
+        raise ValueError(f"variant {wildcards.variant} has {len(phases)} phases; phase {index} does not exist")
+    return phases[index - 1]
+
+
+def finetune_outputs(variants, seeds=SEEDS):
+    return expand(
+        "results/finetune/{variant}/{task}/seed{seed}/metrics.json", variant=variants, task=TASKS, seed=seeds
+    )
+
+
+# Code fingerprints: editing a stage's modules changes its params, so Snakemake reruns its jobs.
+CODE = {
+    "data": code_fingerprint("semvlp.data", "semvlp.io"),
+    "corpus": code_fingerprint("semvlp.data", "semvlp.metrics"),
+    "tokenizer": code_fingerprint("semvlp.tokenization"),
+    "regions": code_fingerprint("semvlp.regions", "semvlp.features"),
+    "model": code_fingerprint("semvlp.model", "semvlp.objectives", "semvlp.pretrain", "semvlp.batching"),
+    "tasks": code_fingerprint("semvlp.model", "semvlp.tasks", "semvlp.batching", "semvlp.metrics", "semvlp.data"),
+    "report": code_fingerprint("semvlp.report"),
+}
+
+
+def detector_weights():
+    """The detector trained here (embedded default) when no torchvision weights are configured."""
+    regions = config["regions"]
+    if regions["backend"] == "torchvision" and regions["torchvision"]["weights"] is None:
+        return ["results/detector/detector.pt"]
+    return []

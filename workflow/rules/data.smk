@@ -1,0 +1,68 @@
+# The image-text data: the embedded world (when generated here), the pre-training corpus, the tokenizer.
+
+
+if config["data"].get("generate"):
+
+    rule generate_world:
+        output:
+            manifest=f"{DATA_ROOT}/MANIFEST.json",
+            files=[str(path) for path in layout.embedded_files(DATA_ROOT)],
+            images=[directory(str(layout.image_dir(DATA_ROOT, s))) for s in layout.IMAGE_SETS],
+        params:
+            spec=config["data"]["generate"],
+            root=lambda wildcards, output: os.path.dirname(output.manifest),
+            code=CODE["data"],
+        log:
+            "results/logs/generate_world.log",
+        benchmark:
+            "results/benchmarks/generate_world.tsv"
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        conda:
+            ENV
+        script:
+            RUN_JOB
+
+
+rule build_corpus:
+    input:
+        **{name: str(path) for name, path in layout.corpus_files(DATA_ROOT, config["data"]["corpus"]["sources"]).items()},
+    output:
+        corpus="results/corpus/pretrain.jsonl",
+        answers="results/corpus/answers.json",
+    params:
+        corpus=config["data"]["corpus"],
+        code=CODE["corpus"],
+    log:
+        "results/logs/build_corpus.log",
+    benchmark:
+        "results/benchmarks/build_corpus.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        RUN_JOB
+
+
+rule train_tokenizer:
+    input:
+        corpus="results/corpus/pretrain.jsonl",
+    output:
+        "results/tokenizer/vocab.txt",
+    params:
+        vocab_size=config["model"]["vocab_size"],
+        code=CODE["tokenizer"],
+    log:
+        "results/logs/train_tokenizer.log",
+    benchmark:
+        "results/benchmarks/train_tokenizer.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        RUN_JOB

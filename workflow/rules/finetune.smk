@@ -1,0 +1,28 @@
+# Fine-tuning and evaluation: one job per (variant, task, seed), from the variant's last checkpoint.
+
+
+rule finetune:
+    input:
+        unpack(task_inputs),
+        checkpoint=final_checkpoint,
+        features=lambda wildcards: features(TASK_IMAGE_SET[wildcards.task]),
+        tokenizer=tokenizer_vocab(),
+    output:
+        metrics="results/finetune/{variant}/{task}/seed{seed}/metrics.json",
+    params:
+        task_config=lambda wildcards: config["finetune"]["tasks"][wildcards.task],
+        max_text_length=config["model"]["max_text_length"],
+        code=CODE["tasks"],
+    log:
+        "results/logs/finetune/{variant}/{task}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/finetune/{variant}/{task}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=600,
+        gpu=0,
+    conda:
+        ENV
+    script:
+        RUN_JOB

@@ -1,0 +1,64 @@
+# Pre-training: one initial checkpoint per variant, then one job per phase of the variant's schedule,
+# each starting from the previous phase's checkpoint.
+
+
+rule init_model:
+    input:
+        tokenizer=tokenizer_vocab(),
+        answers="results/corpus/answers.json",
+        **pretrain_features(),
+    output:
+        "results/pretrain/{variant}/phase0.pt",
+    params:
+        model=lambda wildcards: variant_model_config(config, wildcards.variant),
+        seed=config["pretrain"]["seed"],
+        code=CODE["model"],
+    log:
+        "results/logs/init_model/{variant}.log",
+    benchmark:
+        "results/benchmarks/init_model/{variant}.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        ENV
+    script:
+        RUN_JOB
+
+
+rule pretrain_phase:
+    input:
+        checkpoint=previous_checkpoint,
+        corpus="results/corpus/pretrain.jsonl",
+        answers="results/corpus/answers.json",
+        tokenizer=tokenizer_vocab(),
+        **pretrain_features(),
+    output:
+        checkpoint="results/pretrain/{variant}/phase{index}.pt",
+        metrics="results/pretrain/{variant}/phase{index}.metrics.json",
+    wildcard_constraints:
+        index=r"[1-9]\d*",  # phase0 is the initial checkpoint (rule init_model)
+    params:
+        mode=phase_mode,
+        # the schedule up to this phase: changing a later phase leaves this one alone
+        schedule=lambda wildcards: schedule(wildcards.variant)[: int(wildcards.index)],
+        phase=config["pretrain"]["phase"],
+        masking=config["pretrain"]["masking"],
+        itm_mismatch_ratio=config["pretrain"]["itm_mismatch_ratio"],
+        loss_weights=config["pretrain"]["loss_weights"],
+        seed=config["pretrain"]["seed"],
+        max_text_length=config["model"]["max_text_length"],
+        code=CODE["model"],
+    log:
+        "results/logs/pretrain_phase/{variant}/phase{index}.log",
+    benchmark:
+        "results/benchmarks/pretrain_phase/{variant}/phase{index}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=600,
+        gpu=0,
+    conda:
+        ENV
+    script:
+        RUN_JOB

@@ -1,0 +1,101 @@
+# Region features: detector training (embedded default), sharded extraction, merge, or TSV import.
+
+REGIONS = config["regions"]
+BACKEND = REGIONS["backend"]
+
+
+if BACKEND == "torchvision" and REGIONS["torchvision"]["weights"] is None:
+
+    rule train_detector:
+        input:
+            instances=str(layout.coco_instances(DATA_ROOT, "train2014")),
+            images=str(layout.image_dir(DATA_ROOT, "coco")),
+        output:
+            "results/detector/detector.pt",
+        params:
+            train=REGIONS["train_detector"],
+            torchvision=REGIONS["torchvision"],
+            code=CODE["regions"],
+        log:
+            "results/logs/train_detector.log",
+        benchmark:
+            "results/benchmarks/train_detector.tsv"
+        threads: 2
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        conda:
+            ENV
+        script:
+            RUN_JOB
+
+
+if BACKEND == "tsv":
+
+    rule import_tsv_features:
+        input:
+            lambda wildcards: REGIONS["tsv"][wildcards.image_set],
+        output:
+            features("{image_set}"),
+        params:
+            feature_dtype=REGIONS["feature_dtype"],
+            code=CODE["regions"],
+        log:
+            "results/logs/import_tsv_features/{image_set}.log",
+        benchmark:
+            "results/benchmarks/import_tsv_features/{image_set}.tsv"
+        resources:
+            mem_mb=2000,
+            runtime=120,
+        conda:
+            ENV
+        script:
+            RUN_JOB
+
+else:
+
+    rule extract_regions:
+        input:
+            images=lambda wildcards: str(layout.image_dir(DATA_ROOT, wildcards.image_set)),
+            weights=detector_weights(),
+        output:
+            "results/features/{image_set}/shard{shard}.h5",
+        params:
+            backend=BACKEND,
+            backend_config=REGIONS.get(BACKEND, {}),
+            selection=REGIONS["selection"],
+            feature_dtype=REGIONS["feature_dtype"],
+            skip_bad_images=REGIONS["skip_bad_images"],
+            num_shards=REGIONS["shards"],
+            code=CODE["regions"],
+        log:
+            "results/logs/extract_regions/{image_set}/shard{shard}.log",
+        benchmark:
+            "results/benchmarks/extract_regions/{image_set}/shard{shard}.tsv"
+        resources:
+            mem_mb=4000,
+            runtime=240,
+            gpu=0,
+        conda:
+            ENV
+        script:
+            RUN_JOB
+
+    rule merge_regions:
+        input:
+            expand("results/features/{{image_set}}/shard{shard}.h5", shard=range(REGIONS["shards"])),
+        output:
+            features("{image_set}"),
+        params:
+            code=CODE["regions"],
+        log:
+            "results/logs/merge_regions/{image_set}.log",
+        benchmark:
+            "results/benchmarks/merge_regions/{image_set}.tsv"
+        resources:
+            mem_mb=2000,
+            runtime=60,
+        conda:
+            ENV
+        script:
+            RUN_JOB
