@@ -6,7 +6,8 @@ from semvlp import tracking
 from semvlp.config import ConfigError, validate_config
 
 
-configfile: "config/config.yaml"
+# The embedded default; --configfile adds overrides on top of it (config/tiny.yaml, config/paper.yaml).
+configfile: workflow.source_path("config/config.yaml")
 
 
 try:

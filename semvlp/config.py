@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,12 @@ def _with_defaults(validator_class):
 def _describe(error: jsonschema.ValidationError) -> str:
     """One line naming the offending key; unknown keys are named themselves, not their parent."""
     path = list(error.absolute_path)
-    if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
-        known = set(error.schema.get("properties", {}))
-        unknown = sorted(k for k in error.instance if k not in known)
-        if unknown:
-            return f"config key '{_key_path(path + [unknown[0]])}': unknown key (not in the schema)"
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        # jsonschema names the unexpected keys in its message: "('a', 'b' were unexpected)"
+        unexpected = re.search(r"\((.*) (?:was|were) unexpected\)", error.message)
+        if unexpected:
+            first = re.findall(r"'([^']*)'", unexpected.group(1))[0]
+            return f"config key '{_key_path(path + [first])}': unknown key (not in the schema)"
     if error.validator == "required":
         return f"config key '{_key_path(path)}': {error.message}"
     if error.validator == "propertyNames":
