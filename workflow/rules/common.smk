@@ -4,6 +4,7 @@ import os
 
 from semvlp.config import variant_model_config
 from semvlp.data import layout
+from semvlp.data.corpus import corpus_source_files
 from semvlp.io import code_fingerprint
 
 
@@ -40,9 +41,10 @@ def task_inputs(wildcards):
     return {name: str(path) for name, path in files.items()}
 
 
-def parent_dir(name):
-    """A param holding the folder of input `name` (derived from the input, as --lint asks)."""
-    return lambda wildcards, input: os.path.dirname(input[name])
+def corpus_inputs():
+    """The pre-training corpus's source files by source (VQA: questions and annotations)."""
+    files = corpus_source_files(DATA_ROOT, config["data"]["corpus"]["sources"])
+    return {source: [str(path) for path in paths] for source, paths in files.items()}
 
 
 def schedule(variant):

@@ -27,7 +27,7 @@ if config["data"].get("generate"):
 
 rule build_corpus:
     input:
-        **{name: str(path) for name, path in layout.corpus_files(DATA_ROOT, config["data"]["corpus"]["sources"]).items()},
+        **corpus_inputs(),
     output:
         corpus="results/corpus/pretrain.jsonl",
         answers="results/corpus/answers.json",

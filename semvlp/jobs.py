@@ -1,0 +1,283 @@
+"""The bridge from Snakemake jobs to the package: one handler per rule.
+
+Every rule runs `workflow/scripts/run_job.py`, which calls `run_job(snakemake)`. The handler for the
+rule reads the job's inputs, outputs and params (never the config directly, except tracking settings,
+which change no result), sends the job's output to its log file, opens the job's MLflow run and calls
+the package function that does the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+from semvlp import tracking
+from semvlp.io import write_json, write_text
+
+HANDLERS: dict[str, Callable] = {}
+STAGES = {
+    "generate_world": "data",
+    "build_corpus": "data",
+    "train_tokenizer": "data",
+    "train_detector": "regions",
+    "extract_regions": "regions",
+    "merge_regions": "regions",
+    "import_tsv_features": "regions",
+    "init_model": "pretrain",
+    "pretrain_phase": "pretrain",
+    "finetune": "finetune",
+    "report": "report",
+}
+
+
+def handler(rule: str):
+    def register(fn):
+        HANDLERS[rule] = fn
+        return fn
+
+    return register
+
+
+@contextlib.contextmanager
+def _output_to_log(log_path: str | None):
+    """Send this process's stdout and stderr (Python and C level, e.g. tqdm) to the job's log file."""
+    if not log_path:
+        yield
+        return
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _params(smk) -> dict[str, Any]:
+    return {k: v for k, v in dict(smk.params.items()).items() if k != "code"}
+
+
+def run_job(smk) -> None:
+    """Entry point of every rule (called from workflow/scripts/run_job.py)."""
+    rule = smk.rule
+    wildcards = dict(smk.wildcards.items())
+    log_path = smk.log[0] if len(smk.log) else None
+    run_name = " ".join([rule] + [f"{k}={v}" for k, v in wildcards.items()])
+    tags = {"semvlp.rule": rule, "semvlp.stage": STAGES[rule], **{f"semvlp.{k}": v for k, v in wildcards.items()}}
+    torch.set_num_threads(max(1, smk.threads))
+    with _output_to_log(log_path):
+        try:
+            with tracking.job_run(smk.config, run_name, tags) as job:
+                write_text(f"{smk.output[0]}.run_id", job.run_id + "\n")
+                job.log_params(_params(smk))
+                HANDLERS[rule](smk, job)
+                if log_path:
+                    job.log_artifact(log_path, "logs")
+        except Exception:
+            traceback.print_exc()
+            raise
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@handler("generate_world")
+def _generate_world(smk, job):
+    from semvlp.data.world import WorldSpec, generate_world
+
+    manifest = generate_world(Path(smk.params.root), WorldSpec(**smk.params.spec))
+    counts = pd.json_normalize(manifest["counts"], sep=".").iloc[0].to_dict()  # {"coco.train2014.images": n, ...}
+    job.log_metrics({f"count.{k}": float(v) for k, v in counts.items()})
+
+
+@handler("build_corpus")
+def _build_corpus(smk, job):
+    from semvlp.data.corpus import merge_sources, write_corpus
+
+    files = {source: list(paths) for source, paths in smk.input.items()}
+    records, table = merge_sources(files, min_answer_count=smk.params.corpus["min_answer_count"])
+    write_corpus(records, table, smk.output.corpus, smk.output.answers)
+    job.log_metrics({"records": len(records), "qa_records": sum(r.answer is not None for r in records), "answers": len(table)})
+
+
+@handler("train_tokenizer")
+def _train_tokenizer(smk, job):
+    from semvlp.data.corpus import read_corpus
+    from semvlp.tokenization import load_tokenizer, train_wordpiece
+
+    records = read_corpus(smk.input.corpus)
+    train_wordpiece((r.sentence for r in records), smk.params.vocab_size, Path(smk.output[0]).parent)
+    job.log_metrics({"vocab_size": load_tokenizer(Path(smk.output[0]).parent).vocab_size})
+
+
+# ------------------------------------------------------------------------------------------- regions
+
+
+@handler("train_detector")
+def _train_detector(smk, job):
+    from semvlp.regions.train import train_detector
+
+    cfg = {**smk.params.train, **smk.params.torchvision}
+    result = train_detector(smk.input.instances, Path(smk.input.images) / "train2014", smk.output[0], cfg)
+    for step, loss in enumerate(result.get("losses", [])):
+        job.log_metrics({"loss": loss}, step=step)
+    job.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
+
+
+def extractor_config(smk) -> dict[str, Any]:
+    cfg = {"backend": smk.params.backend, **smk.params.backend_config, "selection": smk.params.selection}
+    if smk.params.backend == "torchvision" and not cfg.get("weights"):
+        cfg["weights"] = smk.input.weights[0]
+    return cfg
+
+
+@handler("extract_regions")
+def _extract_regions(smk, job):
+    from semvlp.regions.extract import extract_image_set, list_images
+
+    images = list_images(smk.input.images)
+    stats = extract_image_set(
+        images,
+        smk.output[0],
+        extractor_config(smk),
+        shard=int(smk.wildcards.shard),
+        num_shards=smk.params.num_shards,
+        skip_bad_images=smk.params.skip_bad_images,
+        feature_dtype=smk.params.feature_dtype,
+    )
+    job.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+
+
+@handler("merge_regions")
+def _merge_regions(smk, job):
+    from semvlp.features import merge_shards
+
+    merge_shards(list(smk.input), smk.output[0])
+
+
+@handler("import_tsv_features")
+def _import_tsv_features(smk, job):
+    from semvlp.features import import_tsv
+
+    count = import_tsv(smk.input[0], smk.output[0], feature_dtype=smk.params.feature_dtype)
+    job.log_metrics({"images": count})
+
+
+# ------------------------------------------------------------------------------------------ pretrain
+
+
+def _feature_inputs(smk) -> dict[str, str]:
+    sets = ("coco", "gqa", "nlvr2", "flickr30k")
+    return {name: path for name, path in smk.input.items() if name in sets}
+
+
+@handler("init_model")
+def _init_model(smk, job):
+    from semvlp.pretrain import init_checkpoint
+
+    report = init_checkpoint(
+        smk.output[0],
+        model_settings=smk.params.model,
+        tokenizer_dir=Path(smk.input.tokenizer).parent,
+        answers_path=smk.input.answers,
+        feature_paths=_feature_inputs(smk),
+        seed=smk.params.seed,
+    )
+    job.set_tags({"semvlp.init": report.get("init")})
+    job.log_metrics({"parameters": report["parameters"]})
+
+
+@handler("pretrain_phase")
+def _pretrain_phase(smk, job):
+    from semvlp.pretrain import PhaseSettings, run_phase
+
+    p = smk.params
+    index = int(smk.wildcards.index)
+    job.set_tags({"semvlp.phase": index, "semvlp.mode": p.mode, "semvlp.upstream_run_id": tracking.read_run_id(f"{smk.input.checkpoint}.run_id")})
+    settings = PhaseSettings(
+        mode=p.mode,
+        index=index,
+        max_text_length=p.max_text_length,
+        seed=p.seed,
+        text_mask_prob=p.masking["text"],
+        region_mask_prob=p.masking["regions"],
+        itm_mismatch_ratio=p.itm_mismatch_ratio,
+        loss_weights=dict(p.loss_weights),
+        **p.phase,
+    )
+    summary = run_phase(
+        previous_checkpoint=smk.input.checkpoint,
+        out_checkpoint=smk.output.checkpoint,
+        metrics_path=smk.output.metrics,
+        corpus_path=smk.input.corpus,
+        answers_path=smk.input.answers,
+        tokenizer_dir=Path(smk.input.tokenizer).parent,
+        feature_paths=_feature_inputs(smk),
+        settings=settings,
+        job=job,
+    )
+    job.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    job.log_artifact(smk.output.metrics)
+
+
+# ------------------------------------------------------------------------------------------ finetune
+
+
+@handler("finetune")
+def _finetune(smk, job):
+    from semvlp.tasks import run_task
+
+    task, seed = smk.wildcards.task, int(smk.wildcards.seed)
+    out_dir = Path(smk.output.metrics).parent
+    job.set_tags({"semvlp.upstream_run_id": tracking.read_run_id(f"{smk.input.checkpoint}.run_id"), "semvlp.mode": smk.params.task_config["mode"]})
+    summary, results = run_task(
+        task,
+        checkpoint=smk.input.checkpoint,
+        files={k: v for k, v in smk.input.items() if k not in ("checkpoint", "features", "tokenizer")},
+        features_path=smk.input.features,
+        tokenizer_dir=Path(smk.input.tokenizer).parent,
+        task_config=dict(smk.params.task_config),
+        seed=seed,
+        max_text_length=smk.params.max_text_length,
+        out_dir=out_dir,
+        job=job,
+    )
+    for split, metrics in results.items():
+        job.log_metrics({f"{split}.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    for path in sorted(out_dir.glob("predictions_*")) + sorted(out_dir.glob("scores_*")):
+        job.log_artifact(path, "predictions")
+    write_json(
+        smk.output.metrics,
+        {"variant": smk.wildcards.variant, "task": task, "seed": seed, "run_id": job.run_id, "train": summary, "results": results},
+        indent=1,
+    )
+    job.log_artifact(smk.output.metrics)
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+@handler("report")
+def _report(smk, job):
+    from semvlp.report import write_tables
+
+    table = write_tables(list(smk.input), smk.params.variants, smk.output.tsv, smk.output.markdown)
+    job.log_metrics({"rows": len(table)})
+    job.log_artifact(smk.output.tsv)
+    job.log_artifact(smk.output.markdown)
