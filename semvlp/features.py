@@ -1,0 +1,676 @@
+"""HDF5 region-feature store (writer, shard merge, lazy reader) and LXMERT TSV import/export.
+
+One HDF5 file per image set holds N images with at most K boxes each, as dense arrays:
+
+    img_ids              (N,)        utf-8 variable-length strings, the image file stem
+    img_h, img_w         (N,)        int64, image size in pixels
+    num_boxes            (N,)        int64, n <= K boxes kept for the image
+    boxes                (N, K, 4)   float32, pixels x1, y1, x2, y2
+    features             (N, K, D)   float16 or float32, one chunk per image, uncompressed
+    obj_ids, attr_ids    (N, K)      int64, detector class / attribute ids
+    obj_confs, attr_confs(N, K)      float32, their confidences
+
+Rows n..K-1 of an image are zero padding. File attributes hold the caller's provenance (detector
+config and weight digests, selection settings, ...) plus what the writer adds (`WRITER_KEYS`).
+
+Why this layout (REFERENCE.md, "Region features"): one chunk per image makes a random image one read;
+gzip on features would cost CPU on every read for little gain on float activations; a dense array needs
+no index; and the reader opens the file lazily in each process, because an h5py handle opened before
+a DataLoader fork must not be used in the worker. The whole store is never loaded into memory,
+unlike LXMERT's TSV loader, which decodes every image into RAM in every process.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+import semvlp
+from semvlp.errors import InputError
+from semvlp.io import atomic_path
+
+FEATURE_DTYPES = ("float16", "float32")
+
+# Attributes the writer adds to every file; a caller's provenance may repeat them only with equal values.
+WRITER_KEYS = ("feature_dim", "feature_dtype", "max_boxes", "semvlp_version", "created_utc")
+# Attribute listing (as JSON) the provenance keys whose values are stored as JSON strings.
+_JSON_KEYS_ATTR = "_json_keys"
+
+# Per-box arrays other than features: name -> (trailing shape of one box, dtype).
+_BOX_ARRAYS: dict[str, tuple[tuple[int, ...], type]] = {
+    "boxes": ((4,), np.float32),
+    "obj_ids": ((), np.int64),
+    "obj_confs": ((), np.float32),
+    "attr_ids": ((), np.int64),
+    "attr_confs": ((), np.float32),
+}
+_PER_IMAGE_INTS = ("img_h", "img_w", "num_boxes")
+
+# LXMERT's TSV columns, in file order.
+TSV_FIELDS = (
+    "img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
+    "num_boxes", "boxes", "features",
+)
+# TSV array column (other than features) -> (our field, little-endian dtype as LXMERT writes it).
+_TSV_ARRAYS: dict[str, tuple[str, str]] = {
+    "objects_id": ("obj_ids", "<i8"),
+    "objects_conf": ("obj_confs", "<f4"),
+    "attrs_id": ("attr_ids", "<i8"),
+    "attrs_conf": ("attr_confs", "<f4"),
+    "boxes": ("boxes", "<f4"),
+}
+
+
+@dataclass
+class RegionRecord:
+    """One image's kept boxes (n = number of boxes) and the detector's outputs for them."""
+
+    img_id: str
+    img_h: int
+    img_w: int
+    boxes: np.ndarray  # (n, 4) float32, pixels x1, y1, x2, y2
+    features: np.ndarray  # (n, D)
+    obj_ids: np.ndarray  # (n,) int64
+    obj_confs: np.ndarray  # (n,) float32
+    attr_ids: np.ndarray  # (n,) int64
+    attr_confs: np.ndarray  # (n,) float32
+
+    def __post_init__(self) -> None:
+        for name, (_, dtype) in _BOX_ARRAYS.items():
+            setattr(self, name, np.asarray(getattr(self, name), dtype=dtype))
+        self.features = np.asarray(self.features)
+        n = self.num_boxes
+        for name, (box_shape, _) in _BOX_ARRAYS.items():
+            if getattr(self, name).shape != (n, *box_shape):
+                raise ValueError(
+                    f"{self.img_id}: {name} has shape {getattr(self, name).shape}, expected {(n, *box_shape)}"
+                )
+        if self.features.ndim != 2 or self.features.shape[0] != n:
+            raise ValueError(f"{self.img_id}: features have shape {self.features.shape}, expected ({n}, D)")
+
+    @property
+    def num_boxes(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance attributes
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars -> Python scalars, tuples -> lists (recursively), so values compare like JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _encode_attrs(provenance: dict[str, Any]) -> dict[str, Any]:
+    """Provenance -> HDF5 attribute values: scalars as themselves, anything else as a JSON string."""
+    attrs: dict[str, Any] = {}
+    json_keys = []
+    for key, value in provenance.items():
+        if not isinstance(key, str) or key == _JSON_KEYS_ATTR:
+            raise ValueError(f"provenance key {key!r} is not allowed")
+        value = _plain(value)
+        if isinstance(value, (str, bool, int, float)):
+            attrs[key] = value
+        else:
+            try:
+                attrs[key] = json.dumps(value)
+            except TypeError as err:
+                raise ValueError(f"provenance {key!r} cannot be stored: {err}") from None
+            json_keys.append(key)
+    attrs[_JSON_KEYS_ATTR] = json.dumps(json_keys)
+    return attrs
+
+
+def _decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    json_keys = set(json.loads(attrs.get(_JSON_KEYS_ATTR, "[]")))
+    provenance = {}
+    for key, value in attrs.items():
+        if key == _JSON_KEYS_ATTR:
+            continue
+        value = _plain(value)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        provenance[key] = json.loads(value) if key in json_keys else value
+    return provenance
+
+
+# --------------------------------------------------------------------------------------------------
+# Writer
+
+
+class FeatureWriter:
+    """Writes one feature file row by row; the file appears at `path` only when every row is written.
+
+        with FeatureWriter(path, num_images=N, max_boxes=K, feature_dim=D, provenance={...}) as writer:
+            writer.write(index, record)   # for every index in 0..N-1, in any order
+
+    Data go to a temporary file in the same directory, renamed on a clean exit. An exception inside
+    the block, or rows left unwritten, leave no file at `path`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        num_images: int,
+        max_boxes: int,
+        feature_dim: int,
+        feature_dtype: str = "float16",
+        provenance: dict[str, Any],
+    ):
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+        if num_images < 0 or max_boxes < 1 or feature_dim < 1:
+            raise ValueError(
+                f"need num_images >= 0, max_boxes >= 1, feature_dim >= 1; "
+                f"got {num_images}, {max_boxes}, {feature_dim}"
+            )
+        self.path = Path(path)
+        self.num_images = num_images
+        self.max_boxes = max_boxes
+        self.feature_dim = feature_dim
+        self.feature_dtype = feature_dtype
+        written_by = {
+            "feature_dim": feature_dim,
+            "feature_dtype": feature_dtype,
+            "max_boxes": max_boxes,
+            "semvlp_version": semvlp.__version__,
+        }
+        for key, value in written_by.items():
+            if key in provenance and _plain(provenance[key]) != value:
+                raise ValueError(f"provenance {key!r}={provenance[key]!r} contradicts the writer's {value!r}")
+        # Encoded now so that a bad provenance value fails before any file is created.
+        self._attrs = _encode_attrs({**provenance, **written_by})
+        self._written = np.zeros(num_images, dtype=bool)  # (N,)
+        self._row_of_id: dict[str, int] = {}
+        self._stack: contextlib.ExitStack | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
+
+    def __enter__(self) -> FeatureWriter:
+        n, k, d = self.num_images, self.max_boxes, self.feature_dim
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(atomic_path(self.path))
+            # Entered after atomic_path, so it is closed before the rename.
+            h5 = stack.enter_context(h5py.File(tmp, "w", track_order=True))
+            h5.attrs.update(self._attrs)
+            h5.attrs["created_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            data = self._datasets
+            data["img_ids"] = h5.create_dataset("img_ids", shape=(n,), dtype=h5py.string_dtype("utf-8"))
+            for name in _PER_IMAGE_INTS:
+                data[name] = h5.create_dataset(name, shape=(n,), dtype=np.int64)
+            for name, (box_shape, dtype) in _BOX_ARRAYS.items():
+                data[name] = h5.create_dataset(name, shape=(n, k, *box_shape), dtype=dtype)
+            # maxshape=None on the image axis lets an empty shard (N = 0) keep the one-image chunks.
+            data["features"] = h5.create_dataset(
+                "features", shape=(n, k, d), maxshape=(None, k, d), chunks=(1, k, d), dtype=self.feature_dtype
+            )
+            self._stack = stack.pop_all()
+        return self
+
+    def write(self, index: int, record: RegionRecord) -> None:
+        """Store `record` as row `index`, zero-padded to max_boxes."""
+        if self._stack is None:
+            raise RuntimeError("FeatureWriter.write() is only valid inside its `with` block")
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"row {index} is outside 0..{self.num_images - 1}")
+        if self._written[index]:
+            raise ValueError(f"row {index} was already written")
+        n = record.num_boxes
+        if n > self.max_boxes:
+            raise ValueError(f"{record.img_id}: {n} boxes, more than max_boxes={self.max_boxes}")
+        if record.features.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"{record.img_id}: feature dimension {record.features.shape[1]}, expected {self.feature_dim}"
+            )
+        if record.img_id in self._row_of_id:
+            raise ValueError(f"image id {record.img_id!r} already written as row {self._row_of_id[record.img_id]}")
+        if self.feature_dtype == "float16" and n and np.abs(record.features).max() > np.finfo(np.float16).max:
+            raise ValueError(f"{record.img_id}: features exceed the float16 range; use feature_dtype float32")
+        features = record.features.astype(self.feature_dtype)  # (n, D)
+
+        data = self._datasets
+        data["img_ids"][index] = record.img_id
+        data["img_h"][index] = record.img_h
+        data["img_w"][index] = record.img_w
+        data["num_boxes"][index] = n
+        for name in _BOX_ARRAYS:
+            data[name][index] = _pad(getattr(record, name), self.max_boxes)
+        data["features"][index] = _pad(features, self.max_boxes)
+        self._written[index] = True
+        self._row_of_id[record.img_id] = index
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stack, self._stack = self._stack, None
+        self._datasets = {}
+        if exc_type is not None:
+            return stack.__exit__(exc_type, exc, tb)  # closes and removes the temporary file
+        with stack:  # an error raised here also removes the temporary file
+            missing = np.flatnonzero(~self._written)
+            if missing.size:
+                raise RuntimeError(
+                    f"{self.path}: {missing.size} of {self.num_images} rows were never written "
+                    f"(first: {missing[:5].tolist()}); no file written"
+                )
+        return False
+
+
+def _pad(values: np.ndarray, max_boxes: int) -> np.ndarray:
+    """(n, ...) -> (max_boxes, ...) with zero rows after n."""
+    padded = np.zeros((max_boxes, *values.shape[1:]), dtype=values.dtype)
+    padded[: len(values)] = values
+    return padded
+
+
+# --------------------------------------------------------------------------------------------------
+# Reader
+
+
+class FeatureReader:
+    """Random access to a feature file by image id.
+
+    The constructor reads the attributes and the small per-image arrays, then closes the file. The data
+    handle is opened on first access and reopened when the process id changed, so a reader created
+    before a DataLoader forks its workers is safe to use inside them. Pickling drops the handle.
+    Files are opened with HDF5's default file locking; on a file system without flock support
+    (some NFS setups) set HDF5_USE_FILE_LOCKING=FALSE in the environment.
+    """
+
+    def __init__(self, path: str | Path, expect: dict[str, Any] | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError("feature file not found", self.path)
+        try:
+            h5 = h5py.File(self.path, "r")
+        except OSError as err:
+            raise InputError(f"cannot open as HDF5 ({err})", self.path) from None
+        with h5:
+            self.provenance: dict[str, Any] = _decode_attrs(h5.attrs)
+            shape = self._check_layout(h5)
+            self.ids: list[str] = h5["img_ids"].asstr()[()].tolist()
+            self._img_h = h5["img_h"][()]  # (N,) int64
+            self._img_w = h5["img_w"][()]  # (N,) int64
+            self._num_boxes = h5["num_boxes"][()]  # (N,) int64
+            self.feature_dtype: str = str(h5["features"].dtype)
+        _, self.max_boxes, self.feature_dim = shape
+        if self._num_boxes.size and not 0 <= self._num_boxes.min() <= self._num_boxes.max() <= self.max_boxes:
+            raise InputError(f"num_boxes outside 0..{self.max_boxes}", self.path)
+        self._row_of_id = {img_id: row for row, img_id in enumerate(self.ids)}
+        if len(self._row_of_id) != len(self.ids):
+            raise InputError("image ids are not unique", self.path)
+        if expect:
+            self._check_expected(expect)
+        self._h5: h5py.File | None = None
+        self._pid: int | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
+
+    def _check_layout(self, h5: h5py.File) -> tuple[int, int, int]:
+        """Check every dataset is present with consistent shapes; return (N, K, D)."""
+        expected_names = ["img_ids", *_PER_IMAGE_INTS, *_BOX_ARRAYS, "features"]
+        missing = [name for name in expected_names if name not in h5]
+        if missing:
+            raise InputError(f"not a region-feature file: missing datasets {missing}", self.path)
+        features = h5["features"]
+        if features.ndim != 3:
+            raise InputError(f"features have shape {features.shape}, expected (N, K, D)", self.path)
+        n, k, d = features.shape
+        expected_shapes = {"img_ids": (n,), **{name: (n,) for name in _PER_IMAGE_INTS}}
+        expected_shapes.update({name: (n, k, *box_shape) for name, (box_shape, _) in _BOX_ARRAYS.items()})
+        for name, expected_shape in expected_shapes.items():
+            if h5[name].shape != expected_shape:
+                raise InputError(f"dataset {name} has shape {h5[name].shape}, expected {expected_shape}", self.path)
+        return n, k, d
+
+    def _check_expected(self, expect: dict[str, Any]) -> None:
+        for key, expected in expect.items():
+            expected = _plain(expected)
+            if key not in self.provenance:
+                raise InputError(f"provenance {key!r} is absent, but the config expects {expected!r}", self.path)
+            if self.provenance[key] != expected:
+                raise InputError(
+                    f"provenance {key!r} is {self.provenance[key]!r} in this file, but the config expects "
+                    f"{expected!r} (re-extract or import the features with the configured settings)",
+                    self.path,
+                )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, img_id: object) -> bool:
+        return img_id in self._row_of_id
+
+    def index(self, img_id: str) -> int:
+        """Row of `img_id` (a dict lookup)."""
+        try:
+            return self._row_of_id[img_id]
+        except KeyError:
+            raise InputError(
+                f"image id {img_id!r} is not in this feature file ({len(self)} images)", self.path
+            ) from None
+
+    def get(self, img_id: str) -> RegionRecord:
+        """The image's kept boxes: only its first num_boxes rows."""
+        return self._record_at(self.index(img_id))
+
+    def get_padded(self, img_id: str) -> dict[str, np.ndarray]:
+        """All max_boxes rows (padding is zero) plus 0-d "num_boxes", "img_h", "img_w": ready to batch.
+
+        Keys and shapes: boxes (K, 4) float32, features (K, D) in the stored dtype, obj_ids/attr_ids (K,)
+        int64, obj_confs/attr_confs (K,) float32, num_boxes/img_h/img_w () int64.
+        """
+        row = self.index(img_id)
+        data = self._open()
+        padded = {name: data[name][row] for name in (*_BOX_ARRAYS, "features")}
+        padded["num_boxes"] = np.asarray(self._num_boxes[row])
+        padded["img_h"] = np.asarray(self._img_h[row])
+        padded["img_w"] = np.asarray(self._img_w[row])
+        return padded
+
+    def _record_at(self, row: int) -> RegionRecord:
+        n = int(self._num_boxes[row])
+        data = self._open()
+        return RegionRecord(
+            img_id=self.ids[row],
+            img_h=int(self._img_h[row]),
+            img_w=int(self._img_w[row]),
+            **{name: data[name][row, :n] for name in (*_BOX_ARRAYS, "features")},
+        )
+
+    def _open(self) -> dict[str, h5py.Dataset]:
+        pid = os.getpid()
+        if self._h5 is not None and self._pid != pid:
+            # Inherited through fork: it shares the parent's open file description, and while it stays
+            # open HDF5 would hand that same file back to a new open. Close it, then open our own.
+            self._h5.close()
+            self._h5, self._datasets = None, {}
+        if self._h5 is None:
+            h5 = h5py.File(self.path, "r")
+            if h5["features"].shape != (len(self), self.max_boxes, self.feature_dim):
+                h5.close()
+                raise InputError("the file changed since the reader was created", self.path)
+            self._h5, self._pid = h5, pid
+            self._datasets = {name: h5[name] for name in (*_BOX_ARRAYS, "features")}
+        return self._datasets
+
+    def close(self) -> None:
+        """Close the data handle (if this process opened one); the next access reopens it."""
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5, self._pid, self._datasets = None, None, {}
+
+    def __enter__(self) -> FeatureReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_h5=None, _pid=None, _datasets={})
+        return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard merge
+
+_ABSENT = "<absent>"
+
+
+def merge_shards(
+    shard_paths: Sequence[str | Path], out_path: str | Path, *, shard_keys: Sequence[str] = ("shard",)
+) -> None:
+    """Concatenate shard files, in the given order, into one feature file.
+
+    Every provenance value must agree across shards, except `shard_keys` and the creation time. The
+    merged file keeps the common provenance and adds "merged_shards" (the shard count).
+    """
+    if not shard_paths:
+        raise ValueError("merge_shards needs at least one shard")
+    readers = [FeatureReader(path) for path in shard_paths]
+    ignored = {*shard_keys, "created_utc"}
+    reference = {key: value for key, value in readers[0].provenance.items() if key not in ignored}
+    for reader in readers[1:]:
+        own = {key: value for key, value in reader.provenance.items() if key not in ignored}
+        for key in [*reference, *(key for key in own if key not in reference)]:
+            ours, theirs = own.get(key, _ABSENT), reference.get(key, _ABSENT)
+            if ours != theirs:
+                raise InputError(
+                    f"provenance {key!r} is {ours!r} in this shard but {theirs!r} in {readers[0].path}", reader.path
+                )
+    shard_of_id: dict[str, Path] = {}
+    for reader in readers:
+        for img_id in reader.ids:
+            if img_id in shard_of_id:
+                raise InputError(f"image id {img_id!r} is also in shard {shard_of_id[img_id]}", reader.path)
+            shard_of_id[img_id] = reader.path
+
+    provenance = {key: value for key, value in reference.items() if key not in WRITER_KEYS}
+    provenance["merged_shards"] = len(readers)
+    first = readers[0]
+    writer = FeatureWriter(
+        out_path,
+        num_images=len(shard_of_id),
+        max_boxes=first.max_boxes,
+        feature_dim=first.feature_dim,
+        feature_dtype=first.feature_dtype,
+        provenance=provenance,
+    )
+    with writer:
+        out_row = 0
+        for reader in readers:
+            with reader:
+                for row in range(len(reader)):
+                    writer.write(out_row, reader._record_at(row))
+                    out_row += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# LXMERT TSV
+
+
+@dataclass
+class _TsvSummary:
+    num_rows: int
+    max_boxes: int
+    feature_dim: int
+
+
+def _tsv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line number, the 10 fields) of each non-empty line."""
+    csv.field_size_limit(sys.maxsize)  # one features field is ~400 kB of base64
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter="\t")
+            for fields in reader:
+                if not fields:
+                    continue  # a blank line, which LXMERT's DictReader skips too
+                if len(fields) != len(TSV_FIELDS):
+                    raise InputError(
+                        f"line {reader.line_num}: {len(fields)} tab-separated fields, expected "
+                        f"{len(TSV_FIELDS)} ({', '.join(TSV_FIELDS)})",
+                        path,
+                    )
+                yield reader.line_num, fields
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise InputError(f"not a readable TSV ({err})", path) from None
+
+
+def _tsv_int(text: str, field: str, path: Path, line: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"line {line}: {field} is {text!r}, not an integer", path) from None
+    if value < 0:
+        raise InputError(f"line {line}: {field} is negative ({value})", path)
+    return value
+
+
+def _base64_size(text: str, field: str, path: Path, line: int) -> int:
+    """Number of bytes `text` decodes to, from its length alone (the first pass decodes nothing)."""
+    if len(text) % 4:
+        raise InputError(f"line {line}: {field} is not valid base64 (length {len(text)} is not a multiple of 4)", path)
+    return len(text) // 4 * 3 - (len(text) - len(text.rstrip("=")))
+
+
+def _check_sizes(
+    sizes: dict[str, int], num_boxes: int, feature_dim: int | None, path: Path, line: int
+) -> int | None:
+    """Check the byte size of every array field against num_boxes; return this row's feature dimension."""
+    for field, (name, dtype) in _TSV_ARRAYS.items():
+        box_shape = _BOX_ARRAYS[name][0]
+        expected = num_boxes * int(np.prod(box_shape)) * np.dtype(dtype).itemsize
+        if sizes[field] != expected:
+            raise InputError(
+                f"line {line}: {field} holds {sizes[field]} bytes, expected {expected} for num_boxes={num_boxes}", path
+            )
+    feature_bytes = sizes["features"]
+    if num_boxes == 0:
+        if feature_bytes:
+            raise InputError(f"line {line}: num_boxes is 0 but features hold {feature_bytes} bytes", path)
+        return None
+    row_dim, remainder = divmod(feature_bytes, 4 * num_boxes)
+    if feature_dim is None and (remainder or row_dim == 0):
+        raise InputError(
+            f"line {line}: features hold {feature_bytes} bytes, expected a positive multiple of "
+            f"4 x num_boxes={num_boxes}",
+            path,
+        )
+    if feature_dim is not None and feature_bytes != 4 * num_boxes * feature_dim:
+        raise InputError(
+            f"line {line}: features hold {feature_bytes} bytes, expected {4 * num_boxes * feature_dim} "
+            f"(4 x num_boxes={num_boxes} x feature_dim={feature_dim} of the earlier lines)",
+            path,
+        )
+    return row_dim
+
+
+def _scan_tsv(path: Path) -> _TsvSummary:
+    """First pass: count rows, find the largest box count and the feature dimension; check structure."""
+    num_rows, max_boxes, feature_dim = 0, 0, None
+    line_of_id: dict[str, int] = {}
+    for line, fields in _tsv_rows(path):
+        row = dict(zip(TSV_FIELDS, fields))
+        for field in ("img_h", "img_w"):
+            _tsv_int(row[field], field, path, line)
+        num_boxes = _tsv_int(row["num_boxes"], "num_boxes", path, line)
+        sizes = {field: _base64_size(row[field], field, path, line) for field in (*_TSV_ARRAYS, "features")}
+        feature_dim = _check_sizes(sizes, num_boxes, feature_dim, path, line) or feature_dim
+        if row["img_id"] in line_of_id:
+            first_line = line_of_id[row["img_id"]]
+            raise InputError(f"line {line}: image id {row['img_id']!r} already on line {first_line}", path)
+        line_of_id[row["img_id"]] = line
+        num_rows += 1
+        max_boxes = max(max_boxes, num_boxes)
+    if num_rows == 0:
+        raise InputError("no rows", path)
+    if feature_dim is None:
+        raise InputError("no row has any box, so the feature dimension is unknown", path)
+    return _TsvSummary(num_rows=num_rows, max_boxes=max_boxes, feature_dim=feature_dim)
+
+
+def _decode_base64(text: str, field: str, path: Path, line: int) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as err:  # binascii.Error, or non-ASCII text
+        raise InputError(f"line {line}: {field} is not valid base64 ({err})", path) from None
+
+
+def _read_tsv(path: Path, feature_dim: int) -> Iterator[RegionRecord]:
+    """Second pass: decode every row into a record (one row in memory at a time)."""
+    for line, fields in _tsv_rows(path):
+        row = dict(zip(TSV_FIELDS, fields))
+        num_boxes = _tsv_int(row["num_boxes"], "num_boxes", path, line)
+        raw = {field: _decode_base64(row[field], field, path, line) for field in (*_TSV_ARRAYS, "features")}
+        _check_sizes({field: len(data) for field, data in raw.items()}, num_boxes, feature_dim, path, line)
+        arrays = {
+            name: np.frombuffer(raw[field], dtype=dtype).reshape(num_boxes, *_BOX_ARRAYS[name][0])
+            for field, (name, dtype) in _TSV_ARRAYS.items()
+        }
+        features = np.frombuffer(raw["features"], dtype="<f4").reshape(num_boxes, feature_dim)
+        yield RegionRecord(
+            img_id=row["img_id"],
+            img_h=_tsv_int(row["img_h"], "img_h", path, line),
+            img_w=_tsv_int(row["img_w"], "img_w", path, line),
+            features=features,
+            **arrays,
+        )
+
+
+def import_tsv(
+    tsv_path: str | Path,
+    h5_path: str | Path,
+    *,
+    feature_dtype: str = "float32",
+    max_boxes: int | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> int:
+    """Convert an LXMERT feature TSV into a feature file; return the number of images.
+
+    Streams the TSV twice (count rows and the largest box count, then write), so memory does not grow
+    with the file. `max_boxes` defaults to the largest box count in the file. With float32 (the
+    default), `export_tsv` gives back the same bytes; float16 halves the file but rounds the features,
+    so the exported TSV then differs in its features column.
+    """
+    tsv_path = Path(tsv_path)
+    if not tsv_path.is_file():
+        raise InputError("TSV file not found", tsv_path)
+    summary = _scan_tsv(tsv_path)
+    if max_boxes is not None and summary.max_boxes > max_boxes:
+        raise InputError(f"an image has {summary.max_boxes} boxes, more than max_boxes={max_boxes}", tsv_path)
+    full_provenance = {"source_format": "lxmert_tsv", "source_file": tsv_path.name, **(provenance or {})}
+    writer = FeatureWriter(
+        h5_path,
+        num_images=summary.num_rows,
+        max_boxes=max_boxes or summary.max_boxes,
+        feature_dim=summary.feature_dim,
+        feature_dtype=feature_dtype,
+        provenance=full_provenance,
+    )
+    with writer:
+        for row, record in enumerate(_read_tsv(tsv_path, summary.feature_dim)):
+            writer.write(row, record)
+    return summary.num_rows
+
+
+def export_tsv(h5_path: str | Path, tsv_path: str | Path) -> int:
+    """Write a feature file as an LXMERT TSV (features as float32); return the number of images.
+
+    Uses LXMERT's writer dialect (csv.DictWriter, tab delimiter, "\\r\\n" line ends, no header).
+    """
+    reader = FeatureReader(h5_path)
+    with reader, atomic_path(tsv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=TSV_FIELDS, delimiter="\t")
+        for row in range(len(reader)):
+            record = reader._record_at(row)
+            fields: dict[str, Any] = {
+                "img_id": record.img_id,
+                "img_h": record.img_h,
+                "img_w": record.img_w,
+                "num_boxes": record.num_boxes,
+                "features": _encode_base64(record.features, "<f4"),
+            }
+            for field, (name, dtype) in _TSV_ARRAYS.items():
+                fields[field] = _encode_base64(getattr(record, name), dtype)
+            writer.writerow(fields)
+    return len(reader)
+
+
+def _encode_base64(values: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode("ascii")
