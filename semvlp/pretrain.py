@@ -1,0 +1,310 @@
+"""Pre-training: the initial checkpoint of a variant, and one phase (single, two or mixed mode).
+
+A phase job starts from the previous phase's checkpoint and trains the shared stack in its mode with the
+four objectives. Batches are a pure function of (seed, phase index, step): a phase killed mid-way
+resumes from its last periodic checkpoint (`<output>.partial`) and ends exactly where an uninterrupted
+run would (same seed, CPU). Each phase has its own optimiser and linear warm-up/decay schedule; the
+weights carry over from phase to phase.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from semvlp.batching import RegionBank, encode_text
+from semvlp.data.answers import AnswerTable
+from semvlp.data.corpus import read_corpus
+from semvlp.errors import InputError
+from semvlp.io import atomic_path, write_json
+from semvlp.model import SemVLPConfig, SemVLPForPreTraining, load_bert_checkpoint
+from semvlp.objectives import LossWeights, mask_regions, mask_tokens, pretraining_losses
+from semvlp.tokenization import load_tokenizer
+
+MODES = ("single", "two", "mixed")
+
+
+def init_checkpoint(
+    out_path: str | Path,
+    *,
+    model_settings: dict[str, Any],
+    tokenizer_dir: str | Path,
+    answers_path: str | Path,
+    feature_paths: dict[str, str | Path],
+    seed: int,
+) -> dict[str, Any]:
+    """Build the variant's model (from scratch or a local BERT checkpoint) and save it as phase 0."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    answers = AnswerTable.load(answers_path)
+    bank = RegionBank(feature_paths, box_dim=model_settings["box_dim"])
+    num_objects, num_attributes = bank.label_counts()
+    sizes = dict(
+        region_feature_dim=bank.feature_dim,
+        box_dim=model_settings["box_dim"],
+        cross_layers=model_settings["cross_layers"],
+        num_object_labels=num_objects,
+        num_attribute_labels=num_attributes,
+        num_answers=len(answers),
+        dropout=model_settings.get("dropout", 0.1),
+    )
+    torch.manual_seed(seed)
+    init = model_settings["init"]
+    if init == "scratch":
+        config = SemVLPConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=model_settings["hidden_size"],
+            num_layers=model_settings["num_layers"],
+            num_heads=model_settings["num_heads"],
+            intermediate_size=model_settings["intermediate_size"],
+            max_position_embeddings=max(64, model_settings["max_text_length"]),
+            pad_token_id=tokenizer.pad_token_id,
+            **sizes,
+        )
+        model = SemVLPForPreTraining(config)
+        report = {"init": "scratch"}
+    else:
+        config = SemVLPConfig.from_bert(init, **sizes)
+        model = SemVLPForPreTraining(config)
+        report = {"init": str(init), **_jsonable(load_bert_checkpoint(model, init))}
+    checkpoint = {
+        "model_config": config.to_dict(),
+        "model": model.state_dict(),
+        "answers": list(answers.answers),
+        "tokenizer": str(tokenizer_dir),
+        "history": [],
+    }
+    with atomic_path(out_path) as tmp:
+        torch.save(checkpoint, tmp)
+    return {"parameters": sum(p.numel() for p in model.parameters()), **report}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def load_model(checkpoint_path: str | Path) -> tuple[SemVLPForPreTraining, dict[str, Any]]:
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    model = SemVLPForPreTraining(SemVLPConfig.from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
+
+
+@dataclass
+class PhaseSettings:
+    mode: str
+    index: int  # position of the phase in its variant's schedule (1-based)
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_ratio: float
+    weight_decay: float
+    checkpoint_every: int
+    mixed_single_ratio: float
+    text_mask_prob: float
+    region_mask_prob: float
+    itm_mismatch_ratio: float
+    max_text_length: int
+    seed: int
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown phase mode {self.mode!r}; expected one of {MODES}")
+
+
+class PretrainBatches:
+    """Builds the batch of a given step, deterministically from (seed, phase index, step)."""
+
+    def __init__(self, records, answers: AnswerTable, bank: RegionBank, tokenizer, settings: PhaseSettings):
+        self.records = records
+        self.answers = answers
+        self.bank = bank
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.image_keys = sorted({(r.img_set, r.img_id) for r in records})
+
+    def generator(self, step: int) -> torch.Generator:
+        s = self.settings
+        return torch.Generator().manual_seed(((s.seed * 1000 + s.index) * 1_000_003 + step) % (2**63))
+
+    def mode(self, step: int) -> str:
+        if self.settings.mode != "mixed":
+            return self.settings.mode
+        draw = torch.rand((), generator=self.generator(step)).item()
+        return "single" if draw < self.settings.mixed_single_ratio else "two"
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        s, g = self.settings, self.generator(step)
+        picks = torch.randint(len(self.records), (s.batch_size,), generator=g).tolist()
+        records = [self.records[i] for i in picks]
+        # image-text matching: replace the image of some pairs by another image
+        mismatch = (torch.rand(s.batch_size, generator=g) < s.itm_mismatch_ratio).tolist()
+        keys = []
+        for rec, swap in zip(records, mismatch):
+            key = (rec.img_set, rec.img_id)
+            while swap and key == (rec.img_set, rec.img_id):
+                key = self.image_keys[torch.randint(len(self.image_keys), (1,), generator=g).item()]
+            keys.append(key)
+        batch = self.bank.batch(keys)
+        text = encode_text(self.tokenizer, [r.sentence for r in records], s.max_text_length)
+        input_ids, mlm_labels = mask_tokens(
+            text["input_ids"],
+            text["special_tokens_mask"] | ~text["text_mask"],
+            mask_token_id=self.tokenizer.mask_token_id,
+            vocab_size=len(self.tokenizer),
+            prob=s.text_mask_prob,
+            generator=g,
+        )
+        masked_regions = mask_regions(batch["region_mask"], prob=s.region_mask_prob, generator=g)
+        target_feats = batch["region_feats"]
+        batch["region_feats"] = target_feats.masked_fill(masked_regions.unsqueeze(-1), 0.0)
+        itm = torch.tensor([0 if swap else 1 for swap in mismatch])
+        qa = torch.tensor(
+            [
+                self.answers.index.get(r.answer, -1) if (r.answer is not None and not swap) else -1
+                for r, swap in zip(records, mismatch)
+            ]
+        )
+        batch.update(
+            input_ids=input_ids,  # [B, T]
+            text_mask=text["text_mask"],  # [B, T]
+            mlm_labels=mlm_labels,  # [B, T], -100 where not masked
+            masked_regions=masked_regions,  # [B, K]
+            target_feats=target_feats,  # [B, K, D]
+            itm_labels=itm,  # [B]
+            qa_labels=qa,  # [B], -1 where no QA target
+        )
+        return batch
+
+
+def _schedule(optimizer, steps: int, warmup_ratio: float):
+    warmup = max(1, int(steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state()}
+
+
+def run_phase(
+    *,
+    previous_checkpoint: str | Path,
+    out_checkpoint: str | Path,
+    metrics_path: str | Path,
+    corpus_path: str | Path,
+    answers_path: str | Path,
+    tokenizer_dir: str | Path,
+    feature_paths: dict[str, str | Path],
+    settings: PhaseSettings,
+    job=None,
+) -> dict[str, Any]:
+    """Train one phase; returns its summary metrics (also written to metrics_path)."""
+    model, checkpoint = load_model(previous_checkpoint)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    answers = AnswerTable.load(answers_path)
+    records = read_corpus(corpus_path)
+    if not records:
+        raise InputError("the pre-training corpus is empty", corpus_path)
+    bank = RegionBank(feature_paths, box_dim=model.config.box_dim)
+    bank.check_ids([(r.img_set, r.img_id) for r in records], corpus_path)
+    batches = PretrainBatches(records, answers, bank, tokenizer, settings)
+    weights = LossWeights(**settings.loss_weights)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = _schedule(optimizer, settings.steps, settings.warmup_ratio)
+    partial = Path(f"{out_checkpoint}.partial")
+    start, history = 0, []
+    if partial.is_file():
+        state = torch.load(partial, map_location="cpu", weights_only=False)
+        if state["settings"] == asdict(settings) and state["previous"] == str(previous_checkpoint):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            start, history = state["step"], state["history"]
+            print(f"resuming phase {settings.index} ({settings.mode}) at step {start} from {partial}")
+
+    model.train()
+    tic = time.perf_counter()
+    progress = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=f"phase {settings.index} ({settings.mode})", mininterval=5)
+    for step in progress:
+        batch = batches(step)
+        mode = batches.mode(step)
+        # dropout draws from the global RNG: seed it per step so a resumed run repeats it exactly
+        torch.manual_seed(batches.generator(step).initial_seed() + 1)
+        step_tic = time.perf_counter()
+        output = model(
+            input_ids=batch["input_ids"],
+            text_mask=batch["text_mask"],
+            region_feats=batch["region_feats"],
+            region_geom=batch["region_geom"],
+            region_mask=batch["region_mask"],
+            mode=mode,
+        )
+        losses = pretraining_losses(output, batch, weights)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        values = {f"loss_{k}": v.item() for k, v in losses.items()}
+        if not math.isfinite(values["loss_total"]):
+            raise FloatingPointError(f"phase {settings.index}: loss is {values['loss_total']} at step {step}")
+        values["lr"] = scheduler.get_last_lr()[0]
+        values["samples_per_s"] = settings.batch_size / (time.perf_counter() - step_tic)
+        history.append({"step": step, "mode": mode, **values})
+        if job is not None:
+            job.log_metrics(values, step=step)
+        progress.set_postfix(loss=f"{values['loss_total']:.3f}")
+        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+            with atomic_path(partial) as tmp:
+                torch.save(
+                    {
+                        "settings": asdict(settings),
+                        "previous": str(previous_checkpoint),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state(),
+                        "step": step + 1,
+                        "history": history,
+                    },
+                    tmp,
+                )
+
+    last = history[-min(10, len(history)) :]
+    summary = {
+        "phase": settings.index,
+        "mode": settings.mode,
+        "steps": settings.steps,
+        "resumed_from_step": start,
+        "seconds": time.perf_counter() - tic,
+        "final_loss_total": history[-1]["loss_total"],
+        **{f"mean_last10_{k}": sum(h[k] for h in last) / len(last) for k in history[-1] if k.startswith("loss_")},
+    }
+    checkpoint.update(
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        rng=_rng_state(),
+        step=settings.steps,
+        history=checkpoint.get("history", []) + [{"phase": settings.index, "mode": settings.mode, "summary": summary}],
+    )
+    with atomic_path(out_checkpoint) as tmp:
+        torch.save(checkpoint, tmp)
+    write_json(metrics_path, {"summary": summary, "history": history}, indent=None)
+    partial.unlink(missing_ok=True)
+    return summary

@@ -1,0 +1,169 @@
+"""Pre-training phases on real (small) files: determinism, resume after a kill, checkpoints, modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from semvlp.data.answers import AnswerTable
+from semvlp.data.corpus import CorpusRecord, write_corpus
+from semvlp.features import FeatureWriter, RegionRecord
+from semvlp.pretrain import PhaseSettings, init_checkpoint, load_model, run_phase
+from semvlp.tokenization import train_wordpiece
+
+COLOURS = ["red", "green", "blue", "yellow"]
+SHAPES = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A feature store, a corpus with captions and QA, an answer table, a tokenizer, an initial checkpoint."""
+    root = tmp_path_factory.mktemp("pretrain")
+    rng = np.random.default_rng(0)
+    records, regions = [], []
+    for i in range(24):
+        colour, shape = COLOURS[i % 4], SHAPES[i % 3]
+        img_id = f"img{i:03d}"
+        n = int(rng.integers(2, 6))
+        regions.append(
+            RegionRecord(
+                img_id=img_id,
+                img_h=64,
+                img_w=64,
+                boxes=np.tile(np.array([[4, 4, 30, 30]], np.float32), (n, 1)),
+                features=rng.standard_normal((n, 16)).astype(np.float32),
+                obj_ids=rng.integers(1, 4, n),
+                obj_confs=rng.uniform(0.3, 1, n).astype(np.float32),
+                attr_ids=rng.integers(1, 5, n),
+                attr_confs=rng.uniform(0.3, 1, n).astype(np.float32),
+            )
+        )
+        records.append(CorpusRecord("coco", img_id, f"a {colour} {shape} on the left", None, "coco_captions"))
+        records.append(CorpusRecord("coco", img_id, f"what colour is the {shape}?", colour, "vqa"))
+    with FeatureWriter(root / "coco.h5", num_images=len(regions), max_boxes=6, feature_dim=16, feature_dtype="float32", provenance={"backend": "test"}) as writer:
+        for i, record in enumerate(regions):
+            writer.write(i, record)
+    table = AnswerTable.from_counts({c: 6 for c in COLOURS}, 1)
+    write_corpus(records, table, root / "corpus.jsonl", root / "answers.json")
+    train_wordpiece([r.sentence for r in records], 120, root / "tokenizer")
+    init_checkpoint(
+        root / "phase0.pt",
+        model_settings={"init": "scratch", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                        "cross_layers": 1, "box_dim": 4, "dropout": 0.1, "max_text_length": 16},
+        tokenizer_dir=root / "tokenizer",
+        answers_path=root / "answers.json",
+        feature_paths={"coco": root / "coco.h5"},
+        seed=0,
+    )
+    return {"root": root}
+
+
+def settings(mode: str = "single", steps: int = 12, checkpoint_every: int = 4) -> PhaseSettings:
+    return PhaseSettings(
+        mode=mode, index=1, steps=steps, batch_size=8, lr=1e-3, warmup_ratio=0.1, weight_decay=0.01,
+        checkpoint_every=checkpoint_every, mixed_single_ratio=0.5, text_mask_prob=0.15, region_mask_prob=0.15,
+        itm_mismatch_ratio=0.5, max_text_length=16, seed=3,
+        loss_weights={"mlm": 1, "obj_feat": 1, "obj_label": 1, "attr_label": 1, "itm": 1, "qa": 1},
+    )
+
+
+def phase(world, out_dir: Path, phase_settings: PhaseSettings) -> dict:
+    root = world["root"]
+    return run_phase(
+        previous_checkpoint=root / "phase0.pt",
+        out_checkpoint=out_dir / "phase1.pt",
+        metrics_path=out_dir / "phase1.metrics.json",
+        corpus_path=root / "corpus.jsonl",
+        answers_path=root / "answers.json",
+        tokenizer_dir=root / "tokenizer",
+        feature_paths={"coco": root / "coco.h5"},
+        settings=phase_settings,
+    )
+
+
+def history(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / "phase1.metrics.json").read_text())["history"]
+
+
+@pytest.mark.parametrize("mode", ["single", "two", "mixed"])
+def test_phase_trains_and_checkpoints_everything(world, tmp_path, mode):
+    summary = phase(world, tmp_path, settings(mode))
+    checkpoint = torch.load(tmp_path / "phase1.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "rng", "step", "model_config", "answers"} <= set(checkpoint)
+    assert checkpoint["step"] == 12 and summary["mode"] == mode
+    modes = {h["mode"] for h in history(tmp_path)}
+    assert modes == ({"single", "two"} if mode == "mixed" else {mode})
+    # the weights moved away from the initial checkpoint
+    initial, _ = load_model(world["root"] / "phase0.pt")
+    trained, _ = load_model(tmp_path / "phase1.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), trained.state_dict().values()))
+    assert not (tmp_path / "phase1.pt.partial").exists()
+
+
+def test_same_seed_gives_identical_losses(world, tmp_path):
+    phase(world, tmp_path / "a", settings("mixed"))
+    phase(world, tmp_path / "b", settings("mixed"))
+    assert [h["loss_total"] for h in history(tmp_path / "a")] == [h["loss_total"] for h in history(tmp_path / "b")]
+
+
+def test_loss_decreases_over_a_longer_phase(world, tmp_path):
+    phase(world, tmp_path, settings("single", steps=60, checkpoint_every=100))
+    losses = [h["loss_total"] for h in history(tmp_path)]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def phase_process(world, out_dir: Path, steps: int) -> subprocess.Popen:
+    """A phase in its own process, one thread (a killed run and its reference must add up alike)."""
+    out_dir.mkdir(exist_ok=True)
+    script = (
+        "import sys; sys.path.insert(0, %r); from pathlib import Path; from test_pretrain import phase, settings;"
+        "phase({'root': Path(%r)}, Path(%r), settings('two', steps=%d, checkpoint_every=8))"
+        % (str(Path(__file__).parent), str(world["root"]), str(out_dir), steps)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_killed_phase_resumes_to_the_same_final_loss(world, tmp_path):
+    steps = 40
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    assert phase_process(world, uninterrupted, steps).wait(timeout=600) == 0
+
+    proc = phase_process(world, killed, steps)
+    partial = killed / "phase1.pt.partial"
+    deadline = time.time() + 300
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists(), "the phase finished or failed before its first periodic checkpoint"
+    assert not (killed / "phase1.pt").exists()
+
+    assert phase_process(world, killed, steps).wait(timeout=600) == 0
+    summary = json.loads((killed / "phase1.metrics.json").read_text())["summary"]
+    assert summary["resumed_from_step"] > 0
+    assert history(killed)[-1]["loss_total"] == history(uninterrupted)[-1]["loss_total"]
+    assert [h["loss_total"] for h in history(killed)] == [h["loss_total"] for h in history(uninterrupted)]
+    assert not partial.exists()
+
+
+def test_a_partial_checkpoint_of_other_settings_is_ignored(world, tmp_path):
+    phase(world, tmp_path, settings("single", steps=8, checkpoint_every=4))
+    reference = history(tmp_path)
+    # a stale partial from a run with another mode must not be resumed
+    stale = torch.load(tmp_path / "phase1.pt", weights_only=False)
+    torch.save({"settings": asdict(settings("two")), "previous": "elsewhere", "step": 4}, tmp_path / "phase1.pt.partial")
+    summary = phase(world, tmp_path, settings("single", steps=8, checkpoint_every=4))
+    assert summary["resumed_from_step"] == 0
+    assert [h["loss_total"] for h in history(tmp_path)] == [h["loss_total"] for h in reference]
+    assert stale["step"] == 8
