@@ -43,7 +43,7 @@ rule all:
 # Tracking settings are read from the config by the jobs, not passed as params: where runs are logged
 # changes no result, so it must not make Snakemake rerun anything.
 onstart:
-    tracking.begin_invocation(config)
+    tracking.begin_invocation(config, targets=sorted(workflow.dag_settings.targets))
 
 
 onsuccess:

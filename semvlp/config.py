@@ -99,6 +99,29 @@ def _check_relations(config: dict[str, Any]) -> None:
     for i, variant in enumerate(config["report"]["variants"]):
         if variant not in config["pretrain"]["variants"]:
             fail(f"report.variants.{i}", f"'{variant}' is not a variant in pretrain.variants")
+    ablation = config.setdefault("ablation", {"seeds": [0, 1, 2], "base_variant": "semvlp", "cross_layers": []})
+    if ablation["cross_layers"] and ablation["base_variant"] not in config["pretrain"]["variants"]:
+        fail("ablation.base_variant", f"'{ablation['base_variant']}' is not a variant in pretrain.variants")
+    for i, k in enumerate(ablation["cross_layers"]):
+        if k > model["num_layers"]:
+            fail(f"ablation.cross_layers.{i}", f"{k} cross-attention layers but the model has {model['num_layers']} layers")
+    _add_sweep_variants(config)
+
+
+def _add_sweep_variants(config: dict[str, Any]) -> None:
+    """The ablation's sweep of k: `{base}_k{k}` variants with the base schedule and k cross layers."""
+    ablation = config["ablation"]
+    variants = config["pretrain"]["variants"]
+    for k in ablation["cross_layers"]:
+        base = variants[ablation["base_variant"]]
+        variants.setdefault(
+            f"{ablation['base_variant']}_k{k}", {"phases": list(base["phases"]), "model": {**base.get("model", {}), "cross_layers": k}}
+        )
+
+
+def ablation_variants(config: dict[str, Any]) -> list[str]:
+    """Every variant of the config, the sweep's included (validate_config adds those)."""
+    return list(config["pretrain"]["variants"])
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

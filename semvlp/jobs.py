@@ -22,6 +22,8 @@ from semvlp import tracking
 from semvlp.io import write_json, write_text
 
 HANDLERS: dict[str, Callable] = {}
+# Jobs whose MLflow runs also sample CPU, memory and GPU use.
+TRAINING_RULES = {"train_detector", "extract_regions", "pretrain_phase", "finetune"}
 STAGES = {
     "generate_world": "data",
     "build_corpus": "data",
@@ -34,6 +36,7 @@ STAGES = {
     "pretrain_phase": "pretrain",
     "finetune": "finetune",
     "report": "report",
+    "ablation_report": "report",
 }
 
 
@@ -83,10 +86,11 @@ def run_job(smk) -> None:
     torch.set_num_threads(max(1, smk.threads))
     with _output_to_log(log_path):
         try:
-            with tracking.job_run(smk.config, run_name, tags) as job:
-                write_text(f"{smk.output[0]}.run_id", job.run_id + "\n")
+            with tracking.job_run(smk.config, run_name, tags, system_metrics=rule in TRAINING_RULES) as job:
                 job.log_params(_params(smk))
                 HANDLERS[rule](smk, job)
+                # written once the outputs are complete, next to the first of them
+                write_text(f"{smk.output[0]}.run_id", job.run_id + "\n")
                 if log_path:
                     job.log_artifact(log_path, "logs")
         except Exception:
@@ -133,7 +137,7 @@ def _train_tokenizer(smk, job):
 def _train_detector(smk, job):
     from semvlp.regions.train import train_detector
 
-    cfg = {**smk.params.train, **smk.params.torchvision}
+    cfg = {**smk.params.train, "detector": {"representation_size": smk.params.torchvision["representation_size"]}, "num_threads": smk.threads}
     result = train_detector(smk.input.instances, Path(smk.input.images) / "train2014", smk.output[0], cfg)
     for step, loss in enumerate(result.get("losses", [])):
         job.log_metrics({"loss": loss}, step=step)
@@ -142,8 +146,10 @@ def _train_detector(smk, job):
 
 def extractor_config(smk) -> dict[str, Any]:
     cfg = {"backend": smk.params.backend, **smk.params.backend_config, "selection": smk.params.selection}
-    if smk.params.backend == "torchvision" and not cfg.get("weights"):
-        cfg["weights"] = smk.input.weights[0]
+    if smk.params.backend == "torchvision":
+        cfg.pop("representation_size", None)  # a property of training; a checkpoint knows its own
+        if not cfg.get("weights"):
+            cfg["weights"] = smk.input.weights[0]
     return cfg
 
 
@@ -168,7 +174,8 @@ def _extract_regions(smk, job):
 def _merge_regions(smk, job):
     from semvlp.features import merge_shards
 
-    merge_shards(list(smk.input), smk.output[0])
+    # shards differ only in their index and how many undecodable images they skipped
+    merge_shards(list(smk.input), smk.output[0], shard_keys=("shard", "num_skipped_images"))
 
 
 @handler("import_tsv_features")
@@ -274,6 +281,7 @@ def _finetune(smk, job):
 
 
 @handler("report")
+@handler("ablation_report")
 def _report(smk, job):
     from semvlp.report import write_tables
 

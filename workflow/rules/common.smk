@@ -2,7 +2,7 @@
 
 import os
 
-from semvlp.config import variant_model_config
+from semvlp.config import ablation_variants, variant_model_config
 from semvlp.data import layout
 from semvlp.data.corpus import corpus_source_files
 from semvlp.io import code_fingerprint

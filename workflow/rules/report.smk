@@ -20,3 +20,24 @@ rule report:
         ENV
     script:
         RUN_JOB
+
+
+rule ablation_report:
+    input:
+        finetune_outputs(ablation_variants(config), config["ablation"]["seeds"]),
+    output:
+        tsv="results/ablation.tsv",
+        markdown="results/ablation.md",
+    params:
+        variants=ablation_variants(config),
+        tasks=TASKS,
+        seeds=config["ablation"]["seeds"],
+        code=CODE["report"],
+    log:
+        "results/logs/ablation_report.log",
+    benchmark:
+        "results/benchmarks/ablation_report.tsv"
+    conda:
+        ENV
+    script:
+        RUN_JOB

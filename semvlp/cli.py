@@ -1,0 +1,123 @@
+"""The `semvlp` command: the workflow's stages and tools for use outside Snakemake.
+
+    semvlp evaluate vqa --questions Q.json --annotations A.json --predictions P.json
+    semvlp evaluate gqa --questions Q.json --predictions P.json
+    semvlp evaluate nlvr2 --data D.jsonl --predictions P.csv
+    semvlp evaluate retrieval --dataset dataset_flickr30k.json --split test --scores S.npy
+    semvlp features import-tsv IN.tsv OUT.h5      semvlp features export-tsv IN.h5 OUT.tsv
+    semvlp features info FILE.h5
+    semvlp data generate ROOT [--seed N]           semvlp config validate CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from semvlp.errors import InputError
+
+
+def _evaluate(args) -> dict:
+    from semvlp import metrics
+
+    if args.task == "vqa":
+        return metrics.evaluate_vqa(args.questions, args.annotations, args.predictions)
+    if args.task == "gqa":
+        return metrics.evaluate_gqa(args.questions, args.predictions)
+    if args.task == "nlvr2":
+        return metrics.evaluate_nlvr2(args.data, args.predictions)
+    return metrics.evaluate_retrieval(args.dataset, args.split, args.scores)
+
+
+def _features(args) -> dict:
+    from semvlp import features
+
+    if args.action == "import-tsv":
+        count = features.import_tsv(args.src, args.dst, feature_dtype=args.feature_dtype)
+        return {"images": count, "output": str(args.dst)}
+    if args.action == "export-tsv":
+        return {"images": features.export_tsv(args.src, args.dst), "output": str(args.dst)}
+    reader = features.FeatureReader(args.src)
+    return {"images": len(reader), "max_boxes": reader.max_boxes, "feature_dim": reader.feature_dim, "provenance": reader.provenance}
+
+
+def _data(args) -> dict:
+    from semvlp.data.world import WorldSpec, generate_world
+
+    return generate_world(Path(args.root), WorldSpec(seed=args.seed))
+
+
+def _config(args) -> dict:
+    from semvlp.config import load_config
+
+    load_config(args.config)
+    return {"config": str(args.config), "valid": True}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semvlp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser("evaluate", help="official metrics on saved predictions; prints one JSON object")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    vqa = tasks.add_parser("vqa", help="VQA accuracy (official leave-one-annotator-out, answer normalisation)")
+    vqa.add_argument("--questions", required=True, type=Path)
+    vqa.add_argument("--annotations", required=True, type=Path)
+    vqa.add_argument("--predictions", required=True, type=Path)
+    gqa = tasks.add_parser("gqa", help="GQA exact-match accuracy")
+    gqa.add_argument("--questions", required=True, type=Path)
+    gqa.add_argument("--predictions", required=True, type=Path)
+    nlvr2 = tasks.add_parser("nlvr2", help="NLVR2 accuracy and consistency")
+    nlvr2.add_argument("--data", required=True, type=Path)
+    nlvr2.add_argument("--predictions", required=True, type=Path)
+    retrieval = tasks.add_parser("retrieval", help="Flickr30K retrieval recall (text->image, image->text)")
+    retrieval.add_argument("--dataset", required=True, type=Path)
+    retrieval.add_argument("--split", default="test")
+    retrieval.add_argument("--scores", required=True, type=Path, help=".npy, one row per caption, one column per image")
+    evaluate.set_defaults(func=_evaluate)
+
+    feats = commands.add_parser("features", help="HDF5 region-feature files and LXMERT TSV interop")
+    actions = feats.add_subparsers(dest="action", required=True)
+    imp = actions.add_parser("import-tsv", help="LXMERT TSV -> HDF5 (streams; memory independent of file size)")
+    imp.add_argument("src", type=Path)
+    imp.add_argument("dst", type=Path)
+    imp.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32")
+    exp = actions.add_parser("export-tsv", help="HDF5 -> LXMERT TSV")
+    exp.add_argument("src", type=Path)
+    exp.add_argument("dst", type=Path)
+    info = actions.add_parser("info", help="size and provenance of an HDF5 feature file")
+    info.add_argument("src", type=Path)
+    feats.set_defaults(func=_features)
+
+    data = commands.add_parser("data", help="the embedded image-text world")
+    data_actions = data.add_subparsers(dest="action", required=True)
+    gen = data_actions.add_parser("generate", help="write the embedded world (default sizes) in the public formats")
+    gen.add_argument("root", type=Path)
+    gen.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=_data)
+
+    config = commands.add_parser("config", help="workflow configuration")
+    config_actions = config.add_subparsers(dest="action", required=True)
+    validate = config_actions.add_parser("validate", help="check a config file against the schema")
+    validate.add_argument("config", type=Path)
+    config.set_defaults(func=_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from semvlp.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (InputError, ConfigError) as err:
+        print(f"semvlp: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

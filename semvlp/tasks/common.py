@@ -1,0 +1,127 @@
+"""What every fine-tuning task shares: the encoder from a pre-training checkpoint, the training loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from semvlp.pretrain import load_model
+
+
+@dataclass
+class TaskSettings:
+    train_split: str
+    eval_splits: list[str]
+    mode: str  # single | two | both (outputs of the two modes averaged)
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    seed: int
+    max_text_length: int
+    max_train_examples: int | None = None
+
+    @classmethod
+    def from_config(cls, task_config: dict[str, Any], *, seed: int, max_text_length: int) -> "TaskSettings":
+        known = {k: task_config[k] for k in cls.__dataclass_fields__ if k in task_config}
+        return cls(seed=seed, max_text_length=max_text_length, **known)
+
+
+class Encoder(nn.Module):
+    """The pre-trained shared stack run in the task's mode; `both` averages the two modes' outputs."""
+
+    def __init__(self, checkpoint_path, mode: str):
+        super().__init__()
+        pretrained, checkpoint = load_model(checkpoint_path)
+        self.model = pretrained
+        self.config = pretrained.config
+        self.mode = mode
+        self.answers = checkpoint["answers"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        modes = ("single", "two") if self.mode == "both" else (self.mode,)
+        outputs = [
+            self.model.encoder(
+                input_ids=batch["input_ids"],
+                text_mask=batch["text_mask"],
+                region_feats=batch["region_feats"],
+                region_geom=batch["region_geom"],
+                region_mask=batch["region_mask"],
+                mode=mode,
+            )
+            for mode in modes
+        ]
+        if len(outputs) == 1:
+            return outputs[0]
+        first, second = outputs
+        return type(first)(
+            text_hidden=(first.text_hidden + second.text_hidden) / 2,
+            region_hidden=(first.region_hidden + second.region_hidden) / 2,
+            pooled=(first.pooled + second.pooled) / 2,
+        )
+
+
+def classifier_head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+    """LXMERT's answer head: Linear, GELU, LayerNorm, Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=1e-12), nn.Linear(hidden, out_dim))
+
+
+def batches_of(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def train(
+    model: nn.Module,
+    examples: Sequence,
+    loss_of_batch: Callable[[Sequence], torch.Tensor],
+    settings: TaskSettings,
+    job=None,
+    desc: str = "fine-tune",
+) -> list[float]:
+    """AdamW with linear warm-up and decay over `epochs` passes of shuffled examples; returns losses."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    steps_per_epoch = (len(examples) + settings.batch_size - 1) // settings.batch_size
+    total = steps_per_epoch * settings.epochs
+    warmup = max(1, int(total * settings.warmup_ratio))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    model.train()
+    losses: list[float] = []
+    progress = tqdm(total=total, desc=desc, mininterval=5)
+    step = 0
+    for epoch in range(settings.epochs):
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for chunk in batches_of(order, settings.batch_size):
+            tic = time.perf_counter()
+            loss = loss_of_batch([examples[i] for i in chunk])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss))
+            if job is not None:
+                job.log_metrics(
+                    {"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0], "samples_per_s": len(chunk) / (time.perf_counter() - tic)},
+                    step=step,
+                )
+            step += 1
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
+    progress.close()
+    model.eval()
+    return losses

@@ -1,0 +1,89 @@
+"""End to end: the tiny config through the real Snakemake DAG, from generated images to results/all.tsv."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, run_snakemake
+
+TINY = str(REPO / "config" / "tiny.yaml")
+TASKS = {"vqa", "gqa", "nlvr2", "retrieval"}
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    table = dry_run_output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+def test_dry_run_lists_alternating_phases_and_one_finetune_per_task(tmp_path):
+    result = run_snakemake(tmp_path, "results/all.tsv", "-n", "--configfile", TINY, timeout=300)
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    # tiny schedule: semvlp = [single, two]; none = []
+    assert counts["pretrain_phase"] == 2
+    assert counts["init_model"] == 2
+    assert counts["finetune"] == 2 * 4  # variants x tasks x 1 seed
+    assert counts["extract_regions"] == 4 * 2  # image sets x shards
+    assert "results/pretrain/semvlp/phase2.pt" in result.stdout
+    assert "results/finetune/none/retrieval/seed0/metrics.json" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    result = run_snakemake(workdir, "results/all.tsv", "--cores", "2", "--configfile", TINY, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_a_tidy_table_with_all_tasks(tiny_run):
+    table = pd.read_csv(tiny_run / "results" / "all.tsv", sep="\t")
+    assert list(table.columns) == ["variant", "task", "split", "metric", "seed", "value", "run_id"]
+    assert set(table.task) == TASKS
+    assert set(table.variant) == {"semvlp", "none"}
+    assert table.run_id.notna().all() and (table.run_id.str.len() == 32).all()
+    expected = {
+        ("vqa", "val2014", "accuracy"),
+        ("gqa", "val", "accuracy"),
+        ("nlvr2", "dev", "accuracy"),
+        ("nlvr2", "dev", "consistency"),
+        ("retrieval", "test", "ir_r1"),
+        ("retrieval", "test", "tr_r10"),
+    }
+    assert expected <= set(zip(table.task, table.split, table.metric))
+    assert table.value.between(0, 100).all() or (table.metric == "rsum").any()
+    markdown = (tiny_run / "results" / "all.md").read_text()
+    assert "| semvlp |" in markdown and "| none |" in markdown and "VQA acc" in markdown
+
+
+@pytest.mark.slow
+def test_tiny_run_logs_every_job_to_mlflow(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("semvlp-tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("semvlp.kind") == "invocation"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert all(r.info.status == "FINISHED" for r in children)
+    table = pd.read_csv(tiny_run / "results" / "all.tsv", sep="\t")
+    child_ids = {r.info.run_id for r in children}
+    assert set(table.run_id) <= child_ids
+    finetune = [r for r in children if r.data.tags["semvlp.rule"] == "finetune"]
+    assert len(finetune) == 8
+    assert all("train_loss" in r.data.metrics for r in finetune)
+
+
+@pytest.mark.slow
+def test_completed_run_has_nothing_left_to_do(tiny_run):
+    result = run_snakemake(tiny_run, "results/all.tsv", "-n", "--configfile", TINY, timeout=300)
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
