@@ -970,7 +970,8 @@ def _write_flickr30k(root: Path, spec: WorldSpec) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 # Top-level entries of a generated world; a folder holding anything else is never replaced.
-_WORLD_ENTRIES = {"coco", "vqa", "gqa", "nlvr2", "flickr30k", "MANIFEST.json", ".semvlp-world"}
+# MANIFEST.json.run_id: the MLflow run id the workflow writes next to the manifest (semvlp.jobs).
+_WORLD_ENTRIES = {"coco", "vqa", "gqa", "nlvr2", "flickr30k", "MANIFEST.json", "MANIFEST.json.run_id", ".semvlp-world"}
 _MARKER = ".semvlp-world"
 
 
@@ -1014,8 +1015,11 @@ def _check_replaceable(root: Path) -> None:
         return
     if not root.is_dir():
         raise InputError("exists and is not a folder; cannot generate the embedded world there", root)
+    # Snakemake creates the (empty) parent folders of a rule's outputs before the job runs.
+    if not any(p.is_file() for p in root.rglob("*")):
+        return
     entries = {p.name for p in root.iterdir()}
-    if entries and (_MARKER not in entries or not entries <= _WORLD_ENTRIES):
+    if _MARKER not in entries or not entries <= _WORLD_ENTRIES:
         raise InputError(
             "holds files the world generator did not write; refusing to replace it (point data.root at "
             "an empty or generated folder, or set data.generate: null to use the files there)",
