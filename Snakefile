@@ -4,6 +4,7 @@
 from snakemake.exceptions import WorkflowError
 from semvlp import tracking
 from semvlp.config import ConfigError, validate_config
+from semvlp.data.layout import missing_files_message
 
 
 # The embedded default; --configfile adds overrides on top of it (config/tiny.yaml, config/paper.yaml).
@@ -14,6 +15,10 @@ try:
     validate_config(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+
+# Real data (nothing generated here): stop before any job if an official file is missing.
+if not config["data"].get("generate") and (missing := missing_files_message(config)):
+    raise WorkflowError(missing)
 
 
 wildcard_constraints:

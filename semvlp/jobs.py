@@ -228,19 +228,40 @@ def _pretrain_phase(smk, job):
         loss_weights=dict(p.loss_weights),
         **p.phase,
     )
-    summary = run_phase(
+    args = dict(
         previous_checkpoint=smk.input.checkpoint,
         out_checkpoint=smk.output.checkpoint,
         metrics_path=smk.output.metrics,
         corpus_path=smk.input.corpus,
         answers_path=smk.input.answers,
-        tokenizer_dir=Path(smk.input.tokenizer).parent,
+        tokenizer_dir=str(Path(smk.input.tokenizer).parent),
         feature_paths=_feature_inputs(smk),
-        settings=settings,
-        job=job,
     )
+    gpus = int(smk.resources.get("gpu", 0))
+    if gpus > 1:
+        summary = _torchrun_phase(args, settings, gpus, job)
+    else:
+        summary = run_phase(**args, settings=settings, job=job)
     job.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     job.log_artifact(smk.output.metrics)
+
+
+def _torchrun_phase(args: dict[str, Any], settings, gpus: int, job) -> dict[str, Any]:
+    """Run the phase as `gpus` DistributedDataParallel processes; log its curve once it is done."""
+    import json
+    import subprocess
+    from dataclasses import asdict
+
+    args_path = Path(f"{args['out_checkpoint']}.torchrun.json")
+    write_json(args_path, {**args, "settings": asdict(settings)})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "semvlp.pretrain", str(args_path)]
+    print("launching:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    args_path.unlink()
+    metrics = json.loads(Path(args["metrics_path"]).read_text())
+    for entry in metrics["history"]:
+        job.log_metrics({k: v for k, v in entry.items() if k not in ("step", "mode")}, step=entry["step"])
+    return metrics["summary"]
 
 
 # ------------------------------------------------------------------------------------------ finetune

@@ -5,12 +5,19 @@ four objectives. Batches are a pure function of (seed, phase index, step): a pha
 resumes from its last periodic checkpoint (`<output>.partial`) and ends exactly where an uninterrupted
 run would (same seed, CPU). Each phase has its own optimiser and linear warm-up/decay schedule; the
 weights carry over from phase to phase.
+
+Distributed: under `torchrun` (WORLD_SIZE > 1) each process takes every world_size-th row of the same
+global batch and DistributedDataParallel averages the gradients (gloo on CPU, NCCL on GPUs); rank 0
+alone writes checkpoints and metrics. On a GPU the forward pass runs under bf16 autocast.
+`python -m semvlp.pretrain ARGS.json` is the per-process entry point torchrun starts.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +32,7 @@ from semvlp.data.corpus import read_corpus
 from semvlp.errors import InputError
 from semvlp.io import atomic_path, write_json
 from semvlp.model import SemVLPConfig, SemVLPForPreTraining, load_bert_checkpoint
-from semvlp.objectives import LossWeights, mask_regions, mask_tokens, pretraining_losses
+from semvlp.objectives import LOSS_NAMES, LossWeights, mask_regions, mask_tokens, pretraining_losses
 from semvlp.tokenization import load_tokenizer
 
 MODES = ("single", "two", "mixed")
@@ -199,6 +206,70 @@ def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state()}
 
 
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(rank=torch.distributed.get_rank(), world_size=world_size, device=device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's rows of the global batch, on its device."""
+        return {k: v[self.rank :: self.world_size].to(self.device) for k, v in batch.items()}
+
+    def global_losses(self, losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], weights: LossWeights) -> dict[str, torch.Tensor]:
+        """Rescale each rank's per-term means so that DDP's gradient average equals the gradient of the
+        whole batch's means: a term is a mean over this rank's targets (masked tokens, masked regions,
+        answered questions), whose counts differ between ranks."""
+        if self.world_size == 1:
+            return losses
+        masked = (batch["masked_regions"] & batch["region_mask"]).sum()
+        local = torch.stack(
+            [
+                (batch["mlm_labels"] >= 0).sum(),
+                masked,
+                masked,
+                masked,
+                (batch["itm_labels"] >= 0).sum(),
+                ((batch["qa_labels"] >= 0) & (batch["itm_labels"] == 1)).sum(),
+            ]
+        ).double()
+        total = local.clone()
+        torch.distributed.all_reduce(total)
+        factors = (local * self.world_size / total.clamp(min=1)).tolist()
+        scaled = {name: losses[name] * factor for name, factor in zip(LOSS_NAMES, factors)}
+        scaled["total"] = sum(getattr(weights, name) * scaled[name] for name in LOSS_NAMES)
+        return scaled
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average logged values over the ranks (what one process on the whole batch would log)."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return dict(zip(values, (tensor / self.world_size).tolist()))
+
+
 def run_phase(
     *,
     previous_checkpoint: str | Path,
@@ -212,6 +283,9 @@ def run_phase(
     job=None,
 ) -> dict[str, Any]:
     """Train one phase; returns its summary metrics (also written to metrics_path)."""
+    dist = Distributed.from_env()
+    if settings.batch_size % dist.world_size:
+        raise ValueError(f"batch size {settings.batch_size} does not split over {dist.world_size} processes")
     model, checkpoint = load_model(previous_checkpoint)
     tokenizer = load_tokenizer(tokenizer_dir)
     answers = AnswerTable.load(answers_path)
@@ -223,6 +297,9 @@ def run_phase(
     batches = PretrainBatches(records, answers, bank, tokenizer, settings)
     weights = LossWeights(**settings.loss_weights)
 
+    model.to(dist.device)
+    # single-stream steps leave the cross-attention module unused
+    trained = model if dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = _schedule(optimizer, settings.steps, settings.warmup_ratio)
     partial = Path(f"{out_checkpoint}.partial")
@@ -239,28 +316,32 @@ def run_phase(
 
     model.train()
     tic = time.perf_counter()
-    progress = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=f"phase {settings.index} ({settings.mode})", mininterval=5)
+    progress = tqdm(
+        range(start, settings.steps), initial=start, total=settings.steps, desc=f"phase {settings.index} ({settings.mode})",
+        mininterval=5, disable=not dist.is_main,
+    )
     for step in progress:
-        batch = batches(step)
+        batch = dist.shard(batches(step))
         mode = batches.mode(step)
         # dropout draws from the global RNG: seed it per step so a resumed run repeats it exactly
         torch.manual_seed(batches.generator(step).initial_seed() + 1)
         step_tic = time.perf_counter()
-        output = model(
-            input_ids=batch["input_ids"],
-            text_mask=batch["text_mask"],
-            region_feats=batch["region_feats"],
-            region_geom=batch["region_geom"],
-            region_mask=batch["region_mask"],
-            mode=mode,
-        )
-        losses = pretraining_losses(output, batch, weights)
+        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
+            output = trained(
+                input_ids=batch["input_ids"],
+                text_mask=batch["text_mask"],
+                region_feats=batch["region_feats"],
+                region_geom=batch["region_geom"],
+                region_mask=batch["region_mask"],
+                mode=mode,
+            )
+            losses = dist.global_losses(pretraining_losses(output, batch, weights), batch, weights)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        values = {f"loss_{k}": v.item() for k, v in losses.items()}
+        values = dist.mean({f"loss_{k}": v.item() for k, v in losses.items()})
         if not math.isfinite(values["loss_total"]):
             raise FloatingPointError(f"phase {settings.index}: loss is {values['loss_total']} at step {step}")
         values["lr"] = scheduler.get_last_lr()[0]
@@ -269,7 +350,7 @@ def run_phase(
         if job is not None:
             job.log_metrics(values, step=step)
         progress.set_postfix(loss=f"{values['loss_total']:.3f}")
-        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+        if dist.is_main and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
             with atomic_path(partial) as tmp:
                 torch.save(
                     {
@@ -295,6 +376,8 @@ def run_phase(
         "final_loss_total": history[-1]["loss_total"],
         **{f"mean_last10_{k}": sum(h[k] for h in last) / len(last) for k in history[-1] if k.startswith("loss_")},
     }
+    if not dist.is_main:
+        return summary
     checkpoint.update(
         model=model.state_dict(),
         optimizer=optimizer.state_dict(),
@@ -308,3 +391,16 @@ def run_phase(
     write_json(metrics_path, {"summary": summary, "history": history}, indent=None)
     partial.unlink(missing_ok=True)
     return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Per-process entry point under torchrun: `python -m semvlp.pretrain ARGS.json`."""
+    args = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    args["settings"] = PhaseSettings(**args["settings"])
+    run_phase(**args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -167,3 +167,31 @@ def test_a_partial_checkpoint_of_other_settings_is_ignored(world, tmp_path):
     assert summary["resumed_from_step"] == 0
     assert [h["loss_total"] for h in history(tmp_path)] == [h["loss_total"] for h in reference]
     assert stale["step"] == 8
+
+
+def test_ddp_two_processes_match_one_process_at_the_same_global_batch(world, tmp_path):
+    """torchrun with 2 gloo processes (each half of the batch) against 1 process on the whole batch."""
+    root = world["root"]
+    checkpoint = torch.load(root / "phase0.pt", weights_only=False)
+    checkpoint["model_config"]["dropout"] = 0.0  # dropout masks differ per process by design
+    torch.save(checkpoint, tmp_path / "phase0.pt")
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        out.mkdir()
+        args = dict(
+            previous_checkpoint=str(tmp_path / "phase0.pt"), out_checkpoint=str(out / "phase1.pt"),
+            metrics_path=str(out / "phase1.metrics.json"), corpus_path=str(root / "corpus.jsonl"),
+            answers_path=str(root / "answers.json"), tokenizer_dir=str(root / "tokenizer"),
+            feature_paths={"coco": str(root / "coco.h5")}, settings=asdict(settings("mixed", steps=10, checkpoint_every=100)),
+        )
+        (out / "args.json").write_text(json.dumps(args))
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "semvlp.pretrain", str(out / "args.json")],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[nproc] = [h["loss_total"] for h in history(out)]
+    one, two = np.array(runs[1]), np.array(runs[2])
+    # the same function of the same batches; only the order of floating-point sums differs
+    np.testing.assert_allclose(two, one, rtol=1e-4)

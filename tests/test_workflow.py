@@ -36,7 +36,7 @@ def test_dry_run_lists_alternating_phases_and_one_finetune_per_task(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("tiny-run")
-    result = run_snakemake(workdir, "results/all.tsv", "--cores", "2", "--configfile", TINY, timeout=1500)
+    result = run_snakemake(workdir, "results/all.tsv", "--cores", "4", "--configfile", TINY, timeout=1500)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     return workdir
 

@@ -76,3 +76,64 @@ def task_files(task: str, root: str | Path, train_split: str, eval_splits: list[
     if task == "retrieval":
         return {"dataset": flickr30k_dataset(root)}
     raise ValueError(f"unknown task {task!r}")
+
+
+# Where each official file comes from, for the message that lists missing files.
+SOURCES = {
+    "coco_annotations": "COCO 2014 train/val annotations (cocodataset.org, annotations_trainval2014.zip)",
+    "coco_images": "COCO 2014 train/val images (cocodataset.org, train2014.zip and val2014.zip)",
+    "vqa": "VQA v2 questions and annotations (visualqa.org, 'Download')",
+    "gqa": "GQA balanced questions (the GQA project page, questions1.2.zip)",
+    "gqa_images": "GQA images (the GQA project page, images.zip)",
+    "nlvr2": "NLVR2 jsonl files (the lil-lab/nlvr repository, nlvr2/data/)",
+    "nlvr2_images": "NLVR2 images (by request from the NLVR2 authors; see the lil-lab/nlvr repository)",
+    "flickr30k": "Karpathy's split dataset_flickr30k.json (Karpathy's neuraltalk caption data)",
+    "flickr30k_images": "Flickr30K images (by request from the Flickr30K authors)",
+    "bert": "a BERT-family checkpoint directory in transformers format (config.json, vocab.txt, model.safetensors)",
+    "detector": "the detector files named in the config's regions section (see README, 'Pointing it at real data')",
+    "tsv": "an LXMERT-style feature TSV named in regions.tsv",
+}
+TASK_SOURCES = {"vqa": "vqa", "gqa": "gqa", "nlvr2": "nlvr2", "retrieval": "flickr30k"}
+IMAGE_SOURCES = {"coco": "coco_images", "gqa": "gqa_images", "nlvr2": "nlvr2_images", "flickr30k": "flickr30k_images"}
+
+
+def required_files(config: dict) -> list[tuple[Path, str]]:
+    """Every file or folder a config reads from outside results/, with where to get it."""
+    from semvlp.data.corpus import corpus_source_files  # corpus imports this module
+
+    root = config["data"]["root"]
+    needed: list[tuple[Path, str]] = []
+    for source, paths in corpus_source_files(root, config["data"]["corpus"]["sources"]).items():
+        hint = {"coco_captions": "coco_annotations", "vqa": "vqa", "gqa": "gqa"}[source]
+        needed += [(path, hint) for path in paths]
+    for task, settings in config["finetune"]["tasks"].items():
+        files = task_files(task, root, settings["train_split"], settings["eval_splits"])
+        needed += [(path, TASK_SOURCES[task]) for path in files.values()]
+    regions = config["regions"]
+    if regions["backend"] == "tsv":
+        needed += [(Path(regions["tsv"][s]), "tsv") for s in regions["image_sets"]]
+    else:
+        needed += [(image_dir(root, s), IMAGE_SOURCES[s]) for s in regions["image_sets"]]
+    if regions["backend"] == "detectron2":
+        needed += [(Path(regions["detectron2"]["config_file"]), "detector"), (Path(regions["detectron2"]["weights"]), "detector")]
+    if regions["backend"] == "torchvision" and regions["torchvision"].get("weights"):
+        needed.append((Path(regions["torchvision"]["weights"]), "detector"))
+    elif regions["backend"] == "torchvision":
+        needed.append((coco_instances(root, "train2014"), "coco_annotations"))  # the detector trains on it
+    if config["model"]["init"] != "scratch":
+        needed += [(Path(config["model"]["init"]) / name, "bert") for name in ("config.json", "vocab.txt")]
+    unique: dict[Path, str] = {}
+    for path, hint in needed:
+        unique.setdefault(Path(path), hint)
+    return list(unique.items())
+
+
+def missing_files_message(config: dict) -> str | None:
+    """None when every required file exists; else one message listing what is missing and its source."""
+    missing = [(path, hint) for path, hint in required_files(config) if not path.exists()]
+    if not missing:
+        return None
+    lines = [f"{len(missing)} input file(s) missing under data.root={config['data']['root']!r} (nothing was run):"]
+    lines += [f"  {path}    <- {SOURCES[hint]}" for path, hint in missing]
+    lines.append("Put the official files there with their official names (README, 'Pointing it at real data').")
+    return "\n".join(lines)

@@ -91,3 +91,8 @@ def detector_weights():
     if regions["backend"] == "torchvision" and regions["torchvision"]["weights"] is None:
         return ["results/detector/detector.pt"]
     return []
+
+
+def rule_resources(rule, **defaults):
+    """A rule's resources: its defaults, overridden by the config's `resources.<rule>` (paper.yaml)."""
+    return {**defaults, **config.get("resources", {}).get(rule, {})}

@@ -17,8 +17,7 @@ if config["data"].get("generate"):
         benchmark:
             "results/benchmarks/generate_world.tsv"
         resources:
-            mem_mb=2000,
-            runtime=10,
+            **rule_resources("generate_world", mem_mb=2000, runtime=10),
         conda:
             ENV
         script:
@@ -39,8 +38,7 @@ rule build_corpus:
     benchmark:
         "results/benchmarks/build_corpus.tsv"
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **rule_resources("build_corpus", mem_mb=4000, runtime=30),
     conda:
         ENV
     script:
@@ -60,8 +58,7 @@ rule train_tokenizer:
     benchmark:
         "results/benchmarks/train_tokenizer.tsv"
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **rule_resources("train_tokenizer", mem_mb=2000, runtime=10),
     conda:
         ENV
     script:

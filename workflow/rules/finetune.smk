@@ -19,9 +19,7 @@ rule finetune:
         "results/benchmarks/finetune/{variant}/{task}/seed{seed}.tsv"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=600,
-        gpu=0,
+        **rule_resources("finetune", mem_mb=8000, runtime=600, gpu=0),
     conda:
         ENV
     script:

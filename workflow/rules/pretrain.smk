@@ -18,8 +18,7 @@ rule init_model:
     benchmark:
         "results/benchmarks/init_model/{variant}.tsv"
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **rule_resources("init_model", mem_mb=2000, runtime=10),
     conda:
         ENV
     script:
@@ -55,9 +54,7 @@ rule pretrain_phase:
         "results/benchmarks/pretrain_phase/{variant}/phase{index}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=600,
-        gpu=0,
+        **rule_resources("pretrain_phase", mem_mb=8000, runtime=600, gpu=0),
     conda:
         ENV
     script:

@@ -22,8 +22,7 @@ if BACKEND == "torchvision" and REGIONS["torchvision"]["weights"] is None:
             "results/benchmarks/train_detector.tsv"
         threads: 2
         resources:
-            mem_mb=4000,
-            runtime=60,
+            **rule_resources("train_detector", mem_mb=4000, runtime=60),
         conda:
             ENV
         script:
@@ -45,8 +44,7 @@ if BACKEND == "tsv":
         benchmark:
             "results/benchmarks/import_tsv_features/{image_set}.tsv"
         resources:
-            mem_mb=2000,
-            runtime=120,
+            **rule_resources("import_tsv_features", mem_mb=2000, runtime=120),
         conda:
             ENV
         script:
@@ -73,9 +71,7 @@ else:
         benchmark:
             "results/benchmarks/extract_regions/{image_set}/shard{shard}.tsv"
         resources:
-            mem_mb=4000,
-            runtime=240,
-            gpu=0,
+            **rule_resources("extract_regions", mem_mb=4000, runtime=240, gpu=0),
         conda:
             ENV
         script:
@@ -93,8 +89,7 @@ else:
         benchmark:
             "results/benchmarks/merge_regions/{image_set}.tsv"
         resources:
-            mem_mb=2000,
-            runtime=60,
+            **rule_resources("merge_regions", mem_mb=2000, runtime=60),
         conda:
             ENV
         script:

@@ -16,6 +16,8 @@ rule report:
         "results/logs/report.log",
     benchmark:
         "results/benchmarks/report.tsv"
+    resources:
+        **rule_resources("report", mem_mb=1000, runtime=10),
     conda:
         ENV
     script:
@@ -37,6 +39,8 @@ rule ablation_report:
         "results/logs/ablation_report.log",
     benchmark:
         "results/benchmarks/ablation_report.tsv"
+    resources:
+        **rule_resources("ablation_report", mem_mb=1000, runtime=10),
     conda:
         ENV
     script:

@@ -1,0 +1,53 @@
+"""The paper-scale config: missing official files stop the run with a list; with them the full DAG plans."""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+from snakemake.utils import update_config
+
+from conftest import REPO, run_snakemake
+from semvlp.config import validate_config
+from semvlp.data.layout import required_files
+from test_workflow import job_counts
+
+PAPER = str(REPO / "config" / "paper.yaml")
+
+
+def paper_config() -> dict:
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
+    return validate_config(copy.deepcopy(config))
+
+
+def test_missing_files_stop_the_run_with_the_list_and_where_to_get_them(tmp_path):
+    result = run_snakemake(tmp_path, "results/all.tsv", "-n", "--configfile", PAPER, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "input file(s) missing" in output
+    assert "resources/vqa/v2_mscoco_train2014_annotations.json" in output and "visualqa.org" in output
+    assert "resources/models/bert-base-uncased/config.json" in output
+    assert "Job stats" not in output and not (tmp_path / "results").exists()
+
+
+def test_paper_config_plans_the_full_dag_with_placeholder_files(tmp_path):
+    config = paper_config()
+    for path, _ in required_files(config):
+        target = tmp_path / path
+        if path.suffix:  # a file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("placeholder\n")
+        else:  # an image folder
+            target.mkdir(parents=True, exist_ok=True)
+    result = run_snakemake(tmp_path, "results/all.tsv", "-n", "--configfile", PAPER, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    assert counts["extract_regions"] == 4 * 32
+    assert counts["merge_regions"] == 4
+    assert counts["pretrain_phase"] == 3 * 4  # semvlp, single_only, two_only: 4 phases each; none: 0
+    assert counts["init_model"] == 4
+    assert counts["finetune"] == 4 * 4 * 3  # variants x tasks x seeds
+    assert "train_tokenizer" not in counts and "train_detector" not in counts and "generate_world" not in counts
+    # the cluster resources of the config reach the jobs
+    assert "gpu=8" in result.stdout and "runtime=4320" in result.stdout
