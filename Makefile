@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/snakemake --cores $(CORES) results/all.tsv
+	$(VENV)/bin/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) results/all.tsv
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest
