@@ -77,6 +77,14 @@ class RegionBank:
         }
 
 
+ENCODER_KEYS = ("input_ids", "text_mask", "region_feats", "region_geom", "region_mask")
+
+
+def encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a batch the encoder reads (batches also carry targets)."""
+    return {key: batch[key] for key in ENCODER_KEYS}
+
+
 def encode_text(tokenizer, sentences: list[str], max_length: int) -> dict[str, torch.Tensor]:
     """Token ids [B, T] (padded to the longest, at most max_length), mask and special-token mask."""
     enc = tokenizer(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from semvlp.batching import RegionBank, encode_text
+from semvlp.batching import RegionBank, encode_text, encoder_inputs
 from semvlp.data.answers import AnswerTable
 from semvlp.data.corpus import read_corpus
 from semvlp.errors import InputError
@@ -327,14 +327,7 @@ def run_phase(
         torch.manual_seed(batches.generator(step).initial_seed() + 1)
         step_tic = time.perf_counter()
         with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
-            output = trained(
-                input_ids=batch["input_ids"],
-                text_mask=batch["text_mask"],
-                region_feats=batch["region_feats"],
-                region_geom=batch["region_geom"],
-                region_mask=batch["region_mask"],
-                mode=mode,
-            )
+            output = trained(**encoder_inputs(batch), mode=mode)
             losses = dist.global_losses(pretraining_losses(output, batch, weights), batch, weights)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()

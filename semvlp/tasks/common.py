@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from semvlp.batching import RegionBank, encode_text, encoder_inputs
 from semvlp.pretrain import load_model
 
 
@@ -50,17 +51,7 @@ class Encoder(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         modes = ("single", "two") if self.mode == "both" else (self.mode,)
-        outputs = [
-            self.model.encoder(
-                input_ids=batch["input_ids"],
-                text_mask=batch["text_mask"],
-                region_feats=batch["region_feats"],
-                region_geom=batch["region_geom"],
-                region_mask=batch["region_mask"],
-                mode=mode,
-            )
-            for mode in modes
-        ]
+        outputs = [self.model.encoder(**encoder_inputs(batch), mode=mode) for mode in modes]
         if len(outputs) == 1:
             return outputs[0]
         first, second = outputs
@@ -74,6 +65,38 @@ class Encoder(nn.Module):
 def classifier_head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
     """LXMERT's answer head: Linear, GELU, LayerNorm, Linear."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=1e-12), nn.Linear(hidden, out_dim))
+
+
+class AnswerClassifier(nn.Module):
+    """Question answering as classification over an answer table, from the pooled output (VQA, GQA)."""
+
+    def __init__(self, encoder: Encoder, num_answers: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = classifier_head(encoder.hidden_size, 2 * encoder.hidden_size, num_answers)
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.head(self.encoder(batch).pooled)  # [B, A]
+
+
+def question_batcher(bank: RegionBank, image_set: str, tokenizer, max_length: int) -> Callable[[Sequence], dict]:
+    """Batches of questions (records with `img_id` and `question`) over one image set."""
+
+    def make_batch(questions: Sequence) -> dict[str, torch.Tensor]:
+        batch = bank.batch([(image_set, q.img_id) for q in questions])
+        batch.update(encode_text(tokenizer, [q.question for q in questions], max_length))
+        return batch
+
+    return make_batch
+
+
+def predict_answers(model: AnswerClassifier, questions: Sequence, make_batch, answers: Sequence[str]) -> list[str]:
+    """The highest-scoring answer of the table for each question."""
+    predicted: list[str] = []
+    with torch.no_grad():
+        for chunk in batches_of(questions, 256):
+            predicted += [answers[i] for i in model(make_batch(chunk)).argmax(-1).tolist()]
+    return predicted
 
 
 def batches_of(items: Sequence, size: int):
