@@ -25,8 +25,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import errno
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -206,6 +208,7 @@ class FeatureWriter:
 
     def __enter__(self) -> FeatureWriter:
         n, k, d = self.num_images, self.max_boxes, self.feature_dim
+        self._check_free_space()
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(atomic_path(self.path))
             # Entered after atomic_path, so it is closed before the rename.
@@ -224,6 +227,18 @@ class FeatureWriter:
             )
             self._stack = stack.pop_all()
         return self
+
+    def _check_free_space(self) -> None:
+        """Refuse to start a file the disk cannot hold: HDF5 failing to close a file on a full disk
+        crashes the interpreter at exit instead of raising."""
+        n, k, d = self.num_images, self.max_boxes, self.feature_dim
+        per_box = d * np.dtype(self.feature_dtype).itemsize + 4 * 4 + 2 * 8 + 2 * 4  # features, box, ids, confs
+        needed = n * (k * per_box + 3 * 8 + 64) + (1 << 16)  # + per-image ints, id string, metadata
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"disk full: no space left on device for this feature file (needs about {needed} bytes, {free} free)", str(self.path))
 
     def write(self, index: int, record: RegionRecord) -> None:
         """Store `record` as row `index`, zero-padded to max_boxes."""

@@ -290,11 +290,6 @@ def test_feature_file_bigger_than_the_free_space_fails_clearly(full_disk):
     assert_earlier_outputs_intact(full_disk, digests)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h5py/HDF5 crash at interpreter exit after a failed close on a full disk (SIGSEGV); "
-    "FeatureWriter should refuse to start when the folder lacks the file's size (see the report)",
-)
 def test_feature_writer_on_a_full_disk_exits_without_crashing(full_disk):
     result = _write_features_in_child(full_disk / "big.h5", images=100)
     assert result.returncode == 1, f"exit status {result.returncode}"
