@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,26 @@ def run_snakemake(workdir: Path, *args: str, timeout: int = 1200, env: dict | No
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+TINY = str(REPO / "config" / "tiny.yaml")
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@dataclass
+class TinyRun:
+    workdir: Path
+    seconds: float  # wall time of the run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """One complete run of config/tiny.yaml with jobs in parallel (--cores 4), shared by the tests."""
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    start = time.perf_counter()
+    # the target comes before --configfile, which takes every path after it
+    result = run_snakemake(workdir, "results/all.tsv", "--cores", "4", "--configfile", TINY, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+    return TinyRun(workdir, time.perf_counter() - start)

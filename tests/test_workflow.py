@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
-from conftest import REPO, run_snakemake
-
-TINY = str(REPO / "config" / "tiny.yaml")
+from conftest import TINY, run_snakemake
 TASKS = {"vqa", "gqa", "nlvr2", "retrieval"}
 
 
@@ -33,17 +29,10 @@ def test_dry_run_lists_alternating_phases_and_one_finetune_per_task(tmp_path):
     assert "results/finetune/none/retrieval/seed0/metrics.json" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("tiny-run")
-    result = run_snakemake(workdir, "results/all.tsv", "--cores", "4", "--configfile", TINY, timeout=1500)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    return workdir
-
-
 @pytest.mark.slow
 def test_tiny_run_writes_a_tidy_table_with_all_tasks(tiny_run):
-    table = pd.read_csv(tiny_run / "results" / "all.tsv", sep="\t")
+    workdir = tiny_run.workdir
+    table = pd.read_csv(workdir / "results" / "all.tsv", sep="\t")
     assert list(table.columns) == ["variant", "task", "split", "metric", "seed", "value", "run_id"]
     assert set(table.task) == TASKS
     assert set(table.variant) == {"semvlp", "none"}
@@ -58,15 +47,16 @@ def test_tiny_run_writes_a_tidy_table_with_all_tasks(tiny_run):
     }
     assert expected <= set(zip(table.task, table.split, table.metric))
     assert table.value.between(0, 100).all() or (table.metric == "rsum").any()
-    markdown = (tiny_run / "results" / "all.md").read_text()
+    markdown = (workdir / "results" / "all.md").read_text()
     assert "| semvlp |" in markdown and "| none |" in markdown and "VQA acc" in markdown
 
 
 @pytest.mark.slow
 def test_tiny_run_logs_every_job_to_mlflow(tiny_run):
+    workdir = tiny_run.workdir
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tiny_run / 'results' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("semvlp-tiny")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("semvlp.kind") == "invocation"]
@@ -74,7 +64,7 @@ def test_tiny_run_logs_every_job_to_mlflow(tiny_run):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert all(r.info.status == "FINISHED" for r in children)
-    table = pd.read_csv(tiny_run / "results" / "all.tsv", sep="\t")
+    table = pd.read_csv(workdir / "results" / "all.tsv", sep="\t")
     child_ids = {r.info.run_id for r in children}
     assert set(table.run_id) <= child_ids
     finetune = [r for r in children if r.data.tags["semvlp.rule"] == "finetune"]
@@ -84,6 +74,7 @@ def test_tiny_run_logs_every_job_to_mlflow(tiny_run):
 
 @pytest.mark.slow
 def test_completed_run_has_nothing_left_to_do(tiny_run):
-    result = run_snakemake(tiny_run, "results/all.tsv", "-n", "--configfile", TINY, timeout=300)
+    workdir = tiny_run.workdir
+    result = run_snakemake(workdir, "results/all.tsv", "-n", "--configfile", TINY, timeout=300)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
