@@ -429,7 +429,7 @@ class MaskedLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, text_hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        # text_hidden: [B, T, H], word_embeddings: [V, H] -> [B, T, V]
+        # text_hidden: [..., H] (e.g. [B, T, H]), word_embeddings: [V, H] -> [..., V]
         return F.linear(self.transform(text_hidden), word_embeddings, self.bias)
 
 
@@ -446,7 +446,7 @@ class MaskedObjectHead(nn.Module):
         )
 
     def forward(self, region_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        # region_hidden: [B, R, H] -> ([B, R, D], [B, R, C] | None, [B, R, A] | None)
+        # region_hidden: [..., H] (e.g. [B, R, H]) -> ([..., D], [..., C] | None, [..., A] | None)
         x = self.transform(region_hidden)
         objects = self.object(x) if self.object is not None else None
         attributes = self.attribute(x) if self.attribute is not None else None
@@ -473,12 +473,17 @@ class PreTrainingOutput:
     text_hidden: torch.Tensor  # [B, T, H]
     region_hidden: torch.Tensor  # [B, R, H]
     pooled: torch.Tensor  # [B, H]
-    mlm_logits: torch.Tensor  # [B, T, V]
-    obj_feat_pred: torch.Tensor  # [B, R, D]
-    obj_logits: torch.Tensor | None  # [B, R, C]; None when num_object_labels == 0
-    attr_logits: torch.Tensor | None  # [B, R, A]; None when num_attribute_labels == 0
+    # The masked-LM logits are [B, T, V], or [M, V] at the M positions of `mlm_positions` (row-major
+    # order) when the forward pass was given them; the masked-object predictions likewise are [B, R, ...],
+    # or [K, ...] at the K positions of `object_positions`.
+    mlm_logits: torch.Tensor  # [B, T, V] | [M, V]
+    obj_feat_pred: torch.Tensor  # [B, R, D] | [K, D]
+    obj_logits: torch.Tensor | None  # [B, R, C] | [K, C]; None when num_object_labels == 0
+    attr_logits: torch.Tensor | None  # [B, R, A] | [K, A]; None when num_attribute_labels == 0
     itm_logits: torch.Tensor  # [B, 2]; index 1 = image and text match
     qa_logits: torch.Tensor | None  # [B, N]; None when num_answers == 0
+    mlm_positions: torch.Tensor | None = None  # [B, T] bool: where mlm_logits were computed; None = everywhere
+    object_positions: torch.Tensor | None = None  # [B, R] bool: where object predictions were; None = everywhere
 
 
 class SemVLPForPreTraining(nn.Module):
@@ -505,10 +510,26 @@ class SemVLPForPreTraining(nn.Module):
         region_mask: torch.Tensor,
         mode: Mode,
         token_type_ids: torch.Tensor | None = None,
+        mlm_positions: torch.Tensor | None = None,
+        object_positions: torch.Tensor | None = None,
     ) -> PreTrainingOutput:
+        """Encode and run every head.
+
+        The losses read the masked-LM logits only at masked tokens and the masked-object predictions only
+        at masked regions. Given those positions (`mlm_positions` [B, T] bool, `object_positions` [B, R]
+        bool), the two heads run there alone: with 15% masking that removes most of the heads' work (the
+        vocabulary projection above all). The encoder and the other heads are unaffected.
+        """
         encoded = self.encoder(input_ids, text_mask, region_feats, region_geom, region_mask, mode, token_type_ids)
-        mlm_logits = self.mlm_head(encoded.text_hidden, self.encoder.text_embeddings.word_embeddings.weight)
-        obj_feat_pred, obj_logits, attr_logits = self.object_head(encoded.region_hidden)
+        text_hidden, region_hidden = encoded.text_hidden, encoded.region_hidden
+        if mlm_positions is not None:
+            mlm_positions = _positions(mlm_positions, input_ids.shape, "mlm_positions")
+            text_hidden = text_hidden[mlm_positions]  # [M, H]
+        if object_positions is not None:
+            object_positions = _positions(object_positions, region_mask.shape, "object_positions")
+            region_hidden = region_hidden[object_positions]  # [K, H]
+        mlm_logits = self.mlm_head(text_hidden, self.encoder.text_embeddings.word_embeddings.weight)
+        obj_feat_pred, obj_logits, attr_logits = self.object_head(region_hidden)
         return PreTrainingOutput(
             text_hidden=encoded.text_hidden,
             region_hidden=encoded.region_hidden,
@@ -519,7 +540,16 @@ class SemVLPForPreTraining(nn.Module):
             attr_logits=attr_logits,
             itm_logits=self.itm_head(encoded.pooled),
             qa_logits=self.qa_head(encoded.pooled) if self.qa_head is not None else None,
+            mlm_positions=mlm_positions,
+            object_positions=object_positions,
         )
+
+
+def _positions(positions: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    """`positions` as a bool mask, checked against the [B, L] shape of the sequence it selects from."""
+    if positions.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(positions.shape)}, expected {tuple(shape)}")
+    return positions.bool()
 
 
 # --------------------------------------------------------------------------------------- BERT loading

@@ -7,6 +7,7 @@ used) instead of the NaN a plain mean over nothing gives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,38 @@ def _detector_label_loss(
     return _mean_over(per_region, counted)
 
 
+def head_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where `pretraining_losses` reads the masked-LM and masked-object heads, as keyword arguments for
+    `SemVLPForPreTraining.forward`, which then runs those two heads there alone (same losses, less work):
+
+        output = model(**inputs, mode=mode, **head_positions(batch))
+
+    Returns mlm_positions [B, T] bool (tokens with an MLM label) and object_positions [B, R] bool
+    (masked real regions).
+    """
+    return {
+        "mlm_positions": batch["mlm_labels"] >= 0,
+        "object_positions": batch["masked_regions"].bool() & batch["region_mask"].bool(),
+    }
+
+
+def _positions_reader(
+    positions: torch.Tensor | None, needed: torch.Tensor, name: str, what: str
+) -> Callable[[torch.Tensor | None], torch.Tensor | None]:
+    """A function that reads a per-position batch tensor ([B, L, ...]) at the positions of a head's outputs.
+
+    positions: [B, L] bool where the model computed the head (None: everywhere); needed: [B, L] bool where
+    a loss has a target. A target outside the computed positions has no prediction to compare with.
+    """
+    if positions is None:
+        return lambda values: values
+    if positions.shape != needed.shape:
+        raise ValueError(f"{name} has shape {tuple(positions.shape)}, the batch's targets {tuple(needed.shape)}")
+    if bool((needed & ~positions).any()):
+        raise ValueError(f"the model was run with {name} that leave out a {what} with a target")
+    return lambda values: None if values is None else values[positions]
+
+
 def pretraining_losses(
     output: PreTrainingOutput, batch: dict[str, torch.Tensor], weights: LossWeights
 ) -> dict[str, torch.Tensor]:
@@ -108,6 +141,8 @@ def pretraining_losses(
       itm_labels [B] long (1 = matched, 0 = mismatched, -1 = none),
       qa_labels [B] long (answer index, -1 = none).
     attr_labels/attr_confs may be left out when the model has no attribute head.
+    The output may come from a forward pass given `head_positions(batch)` (or any `mlm_positions` /
+    `object_positions` covering every MLM label / masked real region): the losses are the same.
 
     * mlm: cross-entropy over the vocabulary at positions with a label.
     * obj_feat: smooth-L1 (beta 1, LXMERT's choice, robust to the heavy-tailed ReLU-pooled features)
@@ -127,17 +162,26 @@ def pretraining_losses(
     if missing:
         raise KeyError(f"pre-training batch lacks {missing}")
 
-    mlm_labels = batch["mlm_labels"]
+    # Targets at the positions the heads were computed at ([B, T] / [B, R], or [M] / [K] when the model
+    # was given mlm_positions / object_positions); the sums and counts are the same either way.
+    text_at = _positions_reader(output.mlm_positions, batch["mlm_labels"] >= 0, "mlm_positions", "masked token")
+    mlm_labels = text_at(batch["mlm_labels"])
     mlm = _mean_over(_cross_entropy(output.mlm_logits, mlm_labels, mlm_labels >= 0), mlm_labels >= 0)
 
-    masked = batch["masked_regions"].bool() & batch["region_mask"].bool()  # [B, R]
+    masked_everywhere = batch["masked_regions"].bool() & batch["region_mask"].bool()  # [B, R]
+    regions_at = _positions_reader(output.object_positions, masked_everywhere, "object_positions", "masked region")
+    masked = regions_at(masked_everywhere)
     feat_error = F.smooth_l1_loss(
-        output.obj_feat_pred.float(), batch["target_feats"].float(), reduction="none", beta=1.0
-    ).mean(dim=-1)  # [B, R]
+        output.obj_feat_pred.float(), regions_at(batch["target_feats"]).float(), reduction="none", beta=1.0
+    ).mean(dim=-1)  # [B, R] | [K]
     obj_feat = _mean_over(feat_error, masked)
 
-    obj_label = _detector_label_loss(output.obj_logits, batch["obj_labels"], batch["obj_confs"], masked)
-    attr_label = _detector_label_loss(output.attr_logits, batch.get("attr_labels"), batch.get("attr_confs"), masked)
+    obj_label = _detector_label_loss(
+        output.obj_logits, regions_at(batch["obj_labels"]), regions_at(batch["obj_confs"]), masked
+    )
+    attr_label = _detector_label_loss(
+        output.attr_logits, regions_at(batch.get("attr_labels")), regions_at(batch.get("attr_confs")), masked
+    )
 
     itm_labels = batch["itm_labels"]
     itm = _mean_over(_cross_entropy(output.itm_logits, itm_labels, itm_labels >= 0), itm_labels >= 0)
