@@ -45,12 +45,15 @@ as their own pre-training code does.
 Timing: the steps of a pair are interleaved (ours, reference, ours, reference, ...), so a change in
 the load of the machine hits both alike; the first `--warmup` steps of each are not timed; samples/s is
 the batch size over the median wall-clock time of the `--steps` timed steps. The table also gives the
-median CPU time of the process per step (all threads): on a machine shared with other jobs it is the
-steadier cross-check, since it counts only the time our threads ran (OpenMP threads spinning while they
-wait for each other count too, so with 2 threads it exceeds the wall-clock time of a quiet machine).
+median CPU time of the process per step (all threads). With `--threads 1` that is a measure of the work
+done which other jobs on a shared machine barely move; with 2 threads, OpenMP threads spinning while
+they wait for a descheduled partner count too, so on a busy machine it is as noisy as wall-clock time
+(the run prints the machine's load average to judge by).
 
-    python benchmarks/train_throughput.py                  # tiny and base sizes, batch 32 (a few minutes)
+    python benchmarks/train_throughput.py                  # both sizes, batch 32: ~4 min on an idle 2-core CPU
     python benchmarks/train_throughput.py --sizes tiny     # tiny only
+    python benchmarks/train_throughput.py --threads 1      # the contention-robust CPU-time comparison
+    python benchmarks/train_throughput.py --heads-everywhere   # ours without head_positions, for comparison
 """
 
 from __future__ import annotations
@@ -160,13 +163,14 @@ def ours(size: Size) -> SemVLPForPreTraining:
     return SemVLPForPreTraining(config)
 
 
-def ours_loss(mode: str) -> Callable[[nn.Module, dict], torch.Tensor]:
+def ours_loss(mode: str, heads_everywhere: bool = False) -> Callable[[nn.Module, dict], torch.Tensor]:
     weights = LossWeights()
 
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
         inputs = {key: batch[key] for key in ("input_ids", "text_mask", "region_feats", "region_geom", "region_mask")}
-        # the masked-LM and masked-object heads run only where the losses read them
-        output = model(**inputs, mode=mode, **head_positions(batch))
+        # the masked-LM and masked-object heads run only where the losses read them, unless told otherwise
+        positions = {} if heads_everywhere else head_positions(batch)
+        output = model(**inputs, mode=mode, **positions)
         return pretraining_losses(output, batch, weights)["total"]
 
     return loss
@@ -308,7 +312,7 @@ def run_size(size: Size, args: argparse.Namespace) -> list[Row]:
     for mode, reference_name, build_reference, reference_loss in pairs:
         print(f"{size.name} {mode}-stream: SemVLP vs {reference_name}", file=sys.stderr)
         torch.manual_seed(args.seed)
-        ours_trainer = Trainer("SemVLP", ours(size), ours_loss(mode))
+        ours_trainer = Trainer("SemVLP", ours(size), ours_loss(mode, args.heads_everywhere))
         reference = Trainer(reference_name, build_reference(size), reference_loss)
         measure_pair(ours_trainer, reference, batch, args.warmup, args.steps)
         ours_rate = args.batch_size / statistics.median(ours_trainer.seconds)
@@ -354,6 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--heads-everywhere",
+        action="store_true",
+        help="run our masked-LM and masked-object heads at every position, as before head_positions existed",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -364,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(1-min load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end), "
         f"text {args.text_len} tokens, {args.regions} regions x {FEATURE_DIM}-d, "
         f"{args.warmup} warm-up + {args.steps} timed steps per model"
+        + (", our heads at every position" if args.heads_everywhere else "")
     )
     print_table(rows)
     print("command: PYTHONPATH=. " + shlex.join([sys.executable, *sys.argv]))

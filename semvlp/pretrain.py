@@ -32,7 +32,7 @@ from semvlp.data.corpus import read_corpus
 from semvlp.errors import InputError
 from semvlp.io import atomic_path, write_json
 from semvlp.model import SemVLPConfig, SemVLPForPreTraining, load_bert_checkpoint
-from semvlp.objectives import LOSS_NAMES, LossWeights, mask_regions, mask_tokens, pretraining_losses
+from semvlp.objectives import LOSS_NAMES, LossWeights, head_positions, mask_regions, mask_tokens, pretraining_losses
 from semvlp.tokenization import load_tokenizer
 
 MODES = ("single", "two", "mixed")
@@ -327,7 +327,8 @@ def run_phase(
         torch.manual_seed(batches.generator(step).initial_seed() + 1)
         step_tic = time.perf_counter()
         with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
-            output = trained(**encoder_inputs(batch), mode=mode)
+            # the masked-LM and masked-object heads run only where the losses read them
+            output = trained(**encoder_inputs(batch), mode=mode, **head_positions(batch))
             losses = dist.global_losses(pretraining_losses(output, batch, weights), batch, weights)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()

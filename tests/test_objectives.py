@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from semvlp.model import SemVLPConfig, SemVLPForPreTraining, box_geometry
-from semvlp.objectives import IGNORE_INDEX, LOSS_NAMES, LossWeights, mask_regions, mask_tokens, pretraining_losses
+from semvlp.objectives import IGNORE_INDEX, LOSS_NAMES, LossWeights, head_positions, mask_regions, mask_tokens, pretraining_losses
 from semvlp.tokenization import load_tokenizer, train_wordpiece
 
 torch.set_num_threads(1)
@@ -259,3 +259,32 @@ def test_heads_the_model_lacks_give_zero():
     with pytest.raises(KeyError, match="itm_labels"):
         without_itm = {key: value for key, value in batch.items() if key != "itm_labels"}
         pretraining_losses(run_model(model, batch), without_itm, LossWeights())
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_heads_at_masked_positions_only_give_the_same_losses_and_gradients(model, mode):
+    batch = pretraining_batch()
+    inputs = {key: batch[key] for key in MODEL_INPUTS}
+    model.eval()  # no dropout: both passes must compute the same function
+    results = []
+    for positions in ({}, head_positions(batch)):
+        model.zero_grad()
+        losses = pretraining_losses(model(**inputs, mode=mode, **positions), batch, LossWeights())
+        losses["total"].backward()
+        results.append(({k: v.item() for k, v in losses.items()}, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (full, full_grads), (sparse, sparse_grads) = results
+    assert full.keys() == sparse.keys()
+    for name in full:
+        assert sparse[name] == pytest.approx(full[name], rel=1e-5, abs=1e-6), name
+    assert len(full_grads) == len(sparse_grads)
+    for a, b in zip(full_grads, sparse_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_positions_that_leave_out_a_target_are_refused(model):
+    batch = pretraining_batch()
+    inputs = {key: batch[key] for key in MODEL_INPUTS}
+    positions = head_positions(batch)
+    positions["mlm_positions"] = torch.zeros_like(positions["mlm_positions"])  # no token, yet labels exist
+    with pytest.raises(ValueError):
+        pretraining_losses(model(**inputs, mode="single", **positions), batch, LossWeights())
