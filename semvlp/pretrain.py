@@ -79,7 +79,8 @@ def init_checkpoint(
     else:
         config = SemVLPConfig.from_bert(init, **sizes)
         model = SemVLPForPreTraining(config)
-        report = {"init": str(init), **_jsonable(load_bert_checkpoint(model, init))}
+        loaded = load_bert_checkpoint(model, init)
+        report = {"init": str(init), "bert_loaded": len(loaded.loaded), "bert_fresh": len(loaded.fresh)}
     checkpoint = {
         "model_config": config.to_dict(),
         "model": model.state_dict(),
@@ -90,10 +91,6 @@ def init_checkpoint(
     with atomic_path(out_path) as tmp:
         torch.save(checkpoint, tmp)
     return {"parameters": sum(p.numel() for p in model.parameters()), **report}
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
 
 
 def load_model(checkpoint_path: str | Path) -> tuple[SemVLPForPreTraining, dict[str, Any]]:

@@ -195,3 +195,22 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(world, tmp
     one, two = np.array(runs[1]), np.array(runs[2])
     # the same function of the same batches; only the order of floating-point sums differs
     np.testing.assert_allclose(two, one, rtol=1e-4)
+
+
+def test_initial_checkpoint_from_a_real_bert_checkpoint(world, tmp_path):
+    """model.init = a local BERT-family directory: its sizes, weights and vocabulary are used."""
+    from test_model import minilm_dir
+
+    root = world["root"]
+    report = init_checkpoint(
+        tmp_path / "phase0.pt",
+        model_settings={"init": str(minilm_dir()), "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                        "intermediate_size": 64, "cross_layers": 1, "box_dim": 4, "dropout": 0.1, "max_text_length": 16},
+        tokenizer_dir=minilm_dir(),
+        answers_path=root / "answers.json",
+        feature_paths={"coco": root / "coco.h5"},
+        seed=0,
+    )
+    assert report["init"] == str(minilm_dir()) and report["bert_loaded"] > 0 and report["bert_fresh"] > 0
+    model, _ = load_model(tmp_path / "phase0.pt")
+    assert model.config.hidden_size == 384 and model.config.num_layers == 6  # the checkpoint's sizes
