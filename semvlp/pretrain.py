@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from semvlp.batching import RegionBank, encode_text, encoder_inputs
 from semvlp.data.answers import AnswerTable
-from semvlp.data.corpus import read_corpus
+from semvlp.data.corpus import CORPUS_SOURCES, read_corpus
 from semvlp.errors import InputError
 from semvlp.io import atomic_path, write_json
 from semvlp.model import SemVLPConfig, SemVLPForPreTraining, load_bert_checkpoint
@@ -117,10 +117,17 @@ class PhaseSettings:
     max_text_length: int
     seed: int
     loss_weights: dict[str, float] = field(default_factory=dict)
+    # corpus sources whose sentences get an image-text matching label; a question does not describe
+    # its image, so a mismatched image often fits it as well and its label would be noise
+    itm_sources: tuple[str, ...] = ("coco_captions",)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown phase mode {self.mode!r}; expected one of {MODES}")
+        self.itm_sources = tuple(self.itm_sources)  # from YAML/JSON lists; compared on resume
+        unknown = [source for source in self.itm_sources if source not in CORPUS_SOURCES]
+        if unknown:
+            raise ValueError(f"unknown ITM source {unknown[0]!r}; expected some of {CORPUS_SOURCES}")
 
 
 class PretrainBatches:
@@ -148,8 +155,10 @@ class PretrainBatches:
         s, g = self.settings, self.generator(step)
         picks = torch.randint(len(self.records), (s.batch_size,), generator=g).tolist()
         records = [self.records[i] for i in picks]
-        # image-text matching: replace the image of some pairs by another image
-        mismatch = (torch.rand(s.batch_size, generator=g) < s.itm_mismatch_ratio).tolist()
+        # image-text matching: replace the image of some pairs (of the ITM sources) by another image
+        draws = (torch.rand(s.batch_size, generator=g) < s.itm_mismatch_ratio).tolist()
+        matched_kind = [r.source in s.itm_sources for r in records]
+        mismatch = [draw and kind for draw, kind in zip(draws, matched_kind)]
         keys = []
         for rec, swap in zip(records, mismatch):
             key = (rec.img_set, rec.img_id)
@@ -169,7 +178,7 @@ class PretrainBatches:
         masked_regions = mask_regions(batch["region_mask"], prob=s.region_mask_prob, generator=g)
         target_feats = batch["region_feats"]
         batch["region_feats"] = target_feats.masked_fill(masked_regions.unsqueeze(-1), 0.0)
-        itm = torch.tensor([0 if swap else 1 for swap in mismatch])
+        itm = torch.tensor([(0 if swap else 1) if kind else -1 for swap, kind in zip(mismatch, matched_kind)])
         qa = torch.tensor(
             [
                 self.answers.index.get(r.answer, -1) if (r.answer is not None and not swap) else -1
@@ -182,7 +191,7 @@ class PretrainBatches:
             mlm_labels=mlm_labels,  # [B, T], -100 where not masked
             masked_regions=masked_regions,  # [B, K]
             target_feats=target_feats,  # [B, K, D]
-            itm_labels=itm,  # [B]
+            itm_labels=itm,  # [B], -1 for sentences of sources without ITM
             qa_labels=qa,  # [B], -1 where no QA target
         )
         return batch
@@ -197,6 +206,23 @@ def _schedule(optimizer, steps: int, warmup_ratio: float):
         return max(0.0, (steps - step) / max(1, steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _mean_last(history: list[dict[str, Any]], n: int) -> dict[str, float]:
+    """Mean of each loss and of the ITM accuracy over the last n steps that logged it."""
+    names = sorted({k for h in history for k in h if k.startswith(("loss_", "itm_"))})
+    means = {}
+    for name in names:
+        recent = [h[name] for h in history if name in h][-n:]
+        means[f"mean_last{n}_{name}"] = sum(recent) / len(recent)
+    return means
+
+
+def _itm_counts(output, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[pairs the matching head gets right, pairs with an ITM label] of this batch (float64 [2])."""
+    labelled = batch["itm_labels"] >= 0
+    right = output.itm_logits.detach().argmax(-1)[labelled] == batch["itm_labels"][labelled]
+    return torch.tensor([right.sum().item(), labelled.sum().item()], dtype=torch.float64)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -257,6 +283,13 @@ class Distributed:
         scaled = {name: losses[name] * factor for name, factor in zip(LOSS_NAMES, factors)}
         scaled["total"] = sum(getattr(weights, name) * scaled[name] for name in LOSS_NAMES)
         return scaled
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of a (CPU) tensor over the ranks."""
+        if self.world_size > 1:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+        return tensor
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average logged values over the ranks (what one process on the whole batch would log)."""
@@ -333,6 +366,9 @@ def run_phase(
         optimizer.step()
         scheduler.step()
         values = dist.mean({f"loss_{k}": v.item() for k, v in losses.items()})
+        right, labelled = dist.sum(_itm_counts(output, batch)).tolist()
+        if labelled:  # 0.5 while the model has not learnt to ground sentences in regions
+            values["itm_accuracy"] = right / labelled
         if not math.isfinite(values["loss_total"]):
             raise FloatingPointError(f"phase {settings.index}: loss is {values['loss_total']} at step {step}")
         values["lr"] = scheduler.get_last_lr()[0]
@@ -340,7 +376,7 @@ def run_phase(
         history.append({"step": step, "mode": mode, **values})
         if job is not None:
             job.log_metrics(values, step=step)
-        progress.set_postfix(loss=f"{values['loss_total']:.3f}")
+        progress.set_postfix(loss=f"{values['loss_total']:.3f}", refresh=False)  # tqdm prints every mininterval
         if dist.is_main and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
             with atomic_path(partial) as tmp:
                 torch.save(
@@ -357,7 +393,6 @@ def run_phase(
                     tmp,
                 )
 
-    last = history[-min(10, len(history)) :]
     summary = {
         "phase": settings.index,
         "mode": settings.mode,
@@ -365,7 +400,7 @@ def run_phase(
         "resumed_from_step": start,
         "seconds": time.perf_counter() - tic,
         "final_loss_total": history[-1]["loss_total"],
-        **{f"mean_last10_{k}": sum(h[k] for h in last) / len(last) for k in history[-1] if k.startswith("loss_")},
+        **_mean_last(history, 10),
     }
     if not dist.is_main:
         return summary

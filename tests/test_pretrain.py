@@ -18,7 +18,10 @@ import torch
 from semvlp.data.answers import AnswerTable
 from semvlp.data.corpus import CorpusRecord, write_corpus
 from semvlp.features import FeatureWriter, RegionRecord
-from semvlp.pretrain import PhaseSettings, init_checkpoint, load_model, run_phase
+from semvlp.batching import RegionBank
+from semvlp.data.corpus import read_corpus
+from semvlp.pretrain import PhaseSettings, PretrainBatches, init_checkpoint, load_model, run_phase
+from semvlp.tokenization import load_tokenizer
 from semvlp.tokenization import train_wordpiece
 
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -120,6 +123,31 @@ def test_loss_decreases_over_a_longer_phase(world, tmp_path):
     phase(world, tmp_path, settings("single", steps=60, checkpoint_every=100))
     losses = [h["loss_total"] for h in history(tmp_path)]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+@pytest.mark.parametrize("itm_sources", [("coco_captions",), ("coco_captions", "vqa")])
+def test_only_sentences_of_the_itm_sources_get_matching_labels(world, itm_sources):
+    root = world["root"]
+    records = read_corpus(root / "corpus.jsonl")
+    bank = RegionBank({"coco": root / "coco.h5"}, box_dim=4)
+    batches = PretrainBatches(records, AnswerTable.load(root / "answers.json"), bank, load_tokenizer(root / "tokenizer"),
+                              PhaseSettings(**{**asdict(settings()), "batch_size": 64, "itm_sources": itm_sources}))
+    labels, sources = [], []
+    for step in range(4):
+        # replay the batch's draws: the records picked are the first draw of the step's generator
+        picks = torch.randint(len(records), (64,), generator=batches.generator(step)).tolist()
+        labels += batches(step)["itm_labels"].tolist()
+        sources += [records[i].source for i in picks]
+    by_source = {source: {label for label, s in zip(labels, sources) if s == source} for source in set(sources)}
+    for source, seen in by_source.items():
+        assert seen == ({0, 1} if source in itm_sources else {-1}), source
+
+
+def test_phase_logs_matching_accuracy(world, tmp_path):
+    summary = phase(world, tmp_path, settings("single"))
+    accuracies = [h["itm_accuracy"] for h in history(tmp_path) if "itm_accuracy" in h]
+    assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)
+    assert 0.0 <= summary["mean_last10_itm_accuracy"] <= 1.0
 
 
 def phase_process(world, out_dir: Path, steps: int) -> subprocess.Popen:

@@ -44,6 +44,7 @@ rule pretrain_phase:
         phase=config["pretrain"]["phase"],
         masking=config["pretrain"]["masking"],
         itm_mismatch_ratio=config["pretrain"]["itm_mismatch_ratio"],
+        itm_sources=config["pretrain"]["itm_sources"],
         loss_weights=config["pretrain"]["loss_weights"],
         seed=config["pretrain"]["seed"],
         max_text_length=config["model"]["max_text_length"],
