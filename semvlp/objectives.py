@@ -151,8 +151,9 @@ def pretraining_losses(
       multiplied by the detector's confidence and averaged over the masked regions, so unsure
       labels count less.
     * itm: cross-entropy over {mismatched, matched} on examples with an ITM label.
-    * qa: cross-entropy over the answer table, only on examples with an answer whose image and text
-      match (a mismatched pair's answer is not grounded in the image).
+    * qa: cross-entropy over the answer table, only on examples with an answer whose image was not
+      swapped (itm_labels != 0: a mismatched pair's answer is not grounded in the image; a question
+      without an ITM label keeps its own image).
     """
     required = ["mlm_labels", "masked_regions", "region_mask", "target_feats", "obj_labels", "obj_confs"]
     required += ["itm_labels", "qa_labels"]
@@ -189,7 +190,7 @@ def pretraining_losses(
     qa = None
     if output.qa_logits is not None:
         qa_labels = batch["qa_labels"]
-        answered = (qa_labels >= 0) & (itm_labels == 1)
+        answered = (qa_labels >= 0) & (itm_labels != 0)
         qa = _mean_over(_cross_entropy(output.qa_logits, qa_labels, answered), answered)
 
     zero = output.pooled.new_zeros(())  # a term the model has no head for

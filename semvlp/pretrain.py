@@ -274,7 +274,7 @@ class Distributed:
                 masked,
                 masked,
                 (batch["itm_labels"] >= 0).sum(),
-                ((batch["qa_labels"] >= 0) & (batch["itm_labels"] == 1)).sum(),
+                ((batch["qa_labels"] >= 0) & (batch["itm_labels"] != 0)).sum(),
             ]
         ).double()
         total = local.clone()

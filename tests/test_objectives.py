@@ -188,6 +188,16 @@ def test_losses_match_their_definitions(model):
     assert all(losses[name] > 0 for name in LOSS_NAMES)
 
 
+def test_questions_without_a_matching_label_keep_their_answer_loss(model):
+    # questions get no ITM label (pretrain.itm_sources) and are never given another image
+    batch = pretraining_batch()
+    batch["itm_labels"] = torch.tensor([-1, 0, -1, -1])
+    out = run_model(model, batch)
+    losses = pretraining_losses(out, batch, LossWeights())
+    answered = torch.tensor([0, 3])
+    torch.testing.assert_close(losses["qa"], F.cross_entropy(out.qa_logits[answered], batch["qa_labels"][answered]))
+
+
 def test_total_follows_weights(model):
     batch = pretraining_batch()
     out = run_model(model, batch, mode="two")
