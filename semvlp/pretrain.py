@@ -29,6 +29,7 @@ from tqdm import tqdm
 from semvlp.batching import RegionBank, encode_text, encoder_inputs
 from semvlp.data.answers import AnswerTable
 from semvlp.data.corpus import CORPUS_SOURCES, read_corpus
+from semvlp.diagnostics import grounding_report
 from semvlp.errors import InputError
 from semvlp.io import atomic_path, write_json
 from semvlp.model import SemVLPConfig, SemVLPForPreTraining, load_bert_checkpoint
@@ -206,6 +207,23 @@ def _schedule(optimizer, steps: int, warmup_ratio: float):
         return max(0.0, (steps - step) / max(1, steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _grounding(model, records, bank, tokenizer, settings: PhaseSettings) -> dict[str, float]:
+    """grounding_{mode}_* of the phase's final model on a fixed sample of its ITM-source sentences
+    (semvlp.diagnostics), in each mode the phase trained."""
+    described = [r for r in records if r.source in settings.itm_sources]
+    if len({(r.img_set, r.img_id) for r in described}) < 2:
+        return {}
+    modes = ("single", "two") if settings.mode == "mixed" else (settings.mode,)
+    values = {}
+    for mode in modes:
+        report = grounding_report(
+            model, described, bank, tokenizer, mode=mode, mask_prob=settings.text_mask_prob or 0.15,
+            max_text_length=settings.max_text_length, seed=settings.seed,
+        )
+        values.update({f"grounding_{mode}_{k}": v for k, v in report.to_dict().items() if k != "pairs"})
+    return values
 
 
 def _mean_last(history: list[dict[str, Any]], n: int) -> dict[str, float]:
@@ -404,6 +422,7 @@ def run_phase(
     }
     if not dist.is_main:
         return summary
+    summary.update(_grounding(model, records, bank, tokenizer, settings))
     checkpoint.update(
         model=model.state_dict(),
         optimizer=optimizer.state_dict(),
