@@ -144,7 +144,7 @@ def train(
                 )
             step += 1
             progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
+            progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}", refresh=False)  # printed every mininterval
     progress.close()
     model.eval()
     return losses
