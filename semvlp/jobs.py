@@ -225,7 +225,7 @@ def _pretrain_phase(smk, job):
         text_mask_prob=p.masking["text"],
         region_mask_prob=p.masking["regions"],
         itm_mismatch_ratio=p.itm_mismatch_ratio,
-        itm_sources=tuple(p.itm_sources),
+        itm_sources=p.itm_sources,
         loss_weights=dict(p.loss_weights),
         **p.phase,
     )

@@ -218,6 +218,7 @@ def _grounding(model, records, bank, tokenizer, settings: PhaseSettings) -> dict
     modes = ("single", "two") if settings.mode == "mixed" else (settings.mode,)
     values = {}
     for mode in modes:
+        # a phase without text masking still needs masked words to measure the image's effect
         report = grounding_report(
             model, described, bank, tokenizer, mode=mode, mask_prob=settings.text_mask_prob or 0.15,
             max_text_length=settings.max_text_length, seed=settings.seed,
@@ -236,11 +237,11 @@ def _mean_last(history: list[dict[str, Any]], n: int) -> dict[str, float]:
     return means
 
 
-def _itm_counts(output, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[pairs the matching head gets right, pairs with an ITM label] of this batch (float64 [2])."""
+def _itm_counts(output, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(pairs the matching head gets right, pairs with an ITM label) of this batch."""
     labelled = batch["itm_labels"] >= 0
     right = output.itm_logits.detach().argmax(-1)[labelled] == batch["itm_labels"][labelled]
-    return torch.tensor([right.sum().item(), labelled.sum().item()], dtype=torch.float64)
+    return int(right.sum()), int(labelled.sum())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -301,13 +302,6 @@ class Distributed:
         scaled = {name: losses[name] * factor for name, factor in zip(LOSS_NAMES, factors)}
         scaled["total"] = sum(getattr(weights, name) * scaled[name] for name in LOSS_NAMES)
         return scaled
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum of a (CPU) tensor over the ranks."""
-        if self.world_size > 1:
-            tensor = tensor.clone()
-            torch.distributed.all_reduce(tensor)
-        return tensor
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average logged values over the ranks (what one process on the whole batch would log)."""
@@ -383,9 +377,10 @@ def run_phase(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        values = dist.mean({f"loss_{k}": v.item() for k, v in losses.items()})
-        right, labelled = dist.sum(_itm_counts(output, batch)).tolist()
-        if labelled:  # 0.5 while the model has not learnt to ground sentences in regions
+        right, labelled = _itm_counts(output, batch)
+        values = dist.mean({**{f"loss_{k}": v.item() for k, v in losses.items()}, "itm_right": right, "itm_labelled": labelled})
+        right, labelled = values.pop("itm_right"), values.pop("itm_labelled")
+        if labelled:  # a ratio of rank means is the ratio of sums; 0.5 while nothing is grounded yet
             values["itm_accuracy"] = right / labelled
         if not math.isfinite(values["loss_total"]):
             raise FloatingPointError(f"phase {settings.index}: loss is {values['loss_total']} at step {step}")
