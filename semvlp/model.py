@@ -4,7 +4,10 @@ Shapes: B batch, T text tokens, R regions, H hidden size, D region feature size,
 V vocabulary, C object labels, A attribute labels, N answers.
 
 * Text embeddings follow BERT's layout (word + position + token type, LayerNorm, dropout) so any
-  BERT-family checkpoint loads onto them (`load_bert_checkpoint`).
+  BERT-family checkpoint loads onto them (`load_bert_checkpoint`). A model trained from scratch is
+  better off without the token-type vector (`type_vocab_size=0`): added to every word and to no
+  region, that constant lets attention tell the modalities apart so easily that text learns to ignore
+  regions, and pre-training on the embedded default never grounded captions with it.
 * Region embeddings follow LXMERT: LayerNorm(Linear(feature)) and LayerNorm(Linear(geometry)),
   averaged. Regions get no position and no token-type embedding: their place comes from the box
   geometry, and the LayerNorm biases of the two projections are a learned constant offset that
@@ -42,6 +45,7 @@ from semvlp.io import read_json
 Mode = Literal["single", "two"]
 MODES: tuple[str, ...] = ("single", "two")
 BOX_DIMS: tuple[int, ...] = (4, 7)
+INIT_SCHEMES: tuple[str, ...] = ("bert", "pytorch")
 
 # BERT config names of the activations we support, mapped to a module factory.
 ACTIVATIONS = {
@@ -62,11 +66,15 @@ class SemVLPConfig:
     num_heads: int = 4
     intermediate_size: int = 1024
     max_position_embeddings: int = 64
-    type_vocab_size: int = 2
+    type_vocab_size: int = 2  # 0: no token-type embedding (scratch models; see the module docstring)
     dropout: float = 0.1  # hidden and attention-probability dropout
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     initializer_range: float = 0.02  # std of BERT-style normal initialisation
+    # "bert": normal(0, initializer_range) weights, as BERT. "pytorch": PyTorch's own defaults (Linear
+    # uniform in +-1/sqrt(fan_in), embeddings normal(0, 1)); scratch models escape the plateau where
+    # text ignores regions much sooner with it. Loading a checkpoint overwrites either.
+    init_scheme: str = "bert"
     region_feature_dim: int = 2048
     box_dim: int = 4  # 4: LXMERT (x1,y1,x2,y2); 7: UNITER (x1,y1,x2,y2,w,h,w*h); see box_geometry
     cross_layers: int = 2  # k: the top k layers carry the cross-attention sub-layer (two-stream only)
@@ -84,6 +92,10 @@ class SemVLPConfig:
             problems.append(f"box_dim must be one of {BOX_DIMS}, got {self.box_dim}")
         if not 0 <= self.cross_layers <= self.num_layers:
             problems.append(f"cross_layers must be in [0, num_layers={self.num_layers}], got {self.cross_layers}")
+        if self.type_vocab_size < 0:
+            problems.append(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        if self.init_scheme not in INIT_SCHEMES:
+            problems.append(f"init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
         if self.hidden_act not in ACTIVATIONS:
             problems.append(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
         for name in ("num_object_labels", "num_attribute_labels", "num_answers"):
@@ -189,26 +201,28 @@ def box_geometry(
 
 
 class TextEmbeddings(nn.Module):
-    """BERT's input embeddings: word + position + token type, LayerNorm, dropout."""
+    """BERT's input embeddings: word + position (+ token type when type_vocab_size > 0), LayerNorm, dropout."""
 
     def __init__(self, config: SemVLPConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
+        )
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         # input_ids, token_type_ids: [B, T] -> [B, T, H]
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        embeddings = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(positions)[None]
-            + self.token_type_embeddings(token_type_ids)
-        )
+        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given to a model without token types (type_vocab_size=0)")
         return self.dropout(self.layer_norm(embeddings))
 
 
@@ -321,6 +335,12 @@ class SemVLPLayer(nn.Module):
         return self.feed_forward(text), self.feed_forward(regions)
 
 
+def init_weights(module: nn.Module, config: SemVLPConfig) -> None:
+    """Initialise one freshly built module by `config.init_scheme` ("pytorch": keep what it was built with)."""
+    if config.init_scheme == "bert":
+        init_bert_style(module, config.initializer_range)
+
+
 def init_bert_style(module: nn.Module, std: float) -> None:
     """BERT's initialisation: normal(0, std) weights, zero biases, identity LayerNorm, zero padding row."""
     if isinstance(module, nn.Linear):
@@ -360,7 +380,7 @@ class SemVLPModel(nn.Module):
             SemVLPLayer(config, with_cross_attention=index >= first_cross) for index in range(config.num_layers)
         )
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
-        self.apply(lambda module: init_bert_style(module, config.initializer_range))
+        self.apply(lambda module: init_weights(module, config))
 
     def forward(
         self,
@@ -499,7 +519,7 @@ class SemVLPForPreTraining(nn.Module):
         self.qa_head = AnswerHead(config) if config.num_answers else None
         for head in (self.mlm_head, self.object_head, self.itm_head, self.qa_head):  # the encoder inits itself
             if head is not None:
-                head.apply(lambda module: init_bert_style(module, config.initializer_range))
+                head.apply(lambda module: init_weights(module, config))
 
     def forward(
         self,

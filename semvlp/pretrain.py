@@ -73,6 +73,8 @@ def init_checkpoint(
             intermediate_size=model_settings["intermediate_size"],
             max_position_embeddings=max(64, model_settings["max_text_length"]),
             pad_token_id=tokenizer.pad_token_id,
+            type_vocab_size=model_settings.get("type_vocab_size", 0),
+            init_scheme=model_settings.get("init_scheme", "pytorch"),
             **sizes,
         )
         model = SemVLPForPreTraining(config)

@@ -307,6 +307,39 @@ def test_config_round_trip_and_validation(tmp_path):
         SemVLPConfig.from_dict({**config.to_dict(), "cross_layers": 9}, source=path)
     with pytest.raises(ValueError, match="num_heads"):
         small_config(hidden_size=30)
+    with pytest.raises(ValueError, match="init_scheme"):
+        small_config(init_scheme="xavier")
+    with pytest.raises(ValueError, match="type_vocab_size"):
+        small_config(type_vocab_size=-1)
+
+
+def test_model_without_token_types_has_no_type_vector():
+    config = small_config(type_vocab_size=0)
+    model = SemVLPModel(config)
+    assert model.text_embeddings.token_type_embeddings is None
+    assert not any("token_type" in name for name, _ in model.named_parameters())
+    inputs = make_inputs(config)
+    assert torch.isfinite(encode(model.eval(), inputs, "single").pooled).all()
+    with pytest.raises(ValueError, match="token_type_ids"):
+        model(**inputs, mode="single", token_type_ids=torch.zeros_like(inputs["input_ids"]))
+
+
+def test_init_schemes():
+    """bert: normal(0, initializer_range) and zero biases; pytorch: the modules' own defaults."""
+    bert = SemVLPForPreTraining(small_config(init_scheme="bert", initializer_range=0.02))
+    query = bert.encoder.layers[0].self_attention.query
+    assert abs(query.weight.std().item() - 0.02) < 0.005 and not query.bias.any()
+    assert abs(bert.itm_head.weight.std().item() - 0.02) < 0.01
+
+    torch.manual_seed(0)
+    pytorch = SemVLPForPreTraining(small_config(init_scheme="pytorch"))
+    query = pytorch.encoder.layers[0].self_attention.query
+    bound = query.in_features**-0.5  # kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert query.weight.abs().max() <= bound and query.weight.std() > 0.5 * bound / 3**0.5
+    assert query.bias.abs().max() > 0
+    words = pytorch.encoder.text_embeddings.word_embeddings
+    assert abs(words.weight[1:].std().item() - 1.0) < 0.1  # normal(0, 1)
+    assert not words.weight[words.padding_idx].any()
 
 
 # ---------------------------------------------------------------------------------- BERT checkpoints
