@@ -1,9 +1,11 @@
 """Flickr30K retrieval: rank image-caption pairs with the matching head.
 
 Training: for each caption, its image against `negatives` other images, softmax cross-entropy over the
-group. With `hard_negatives`, the negatives are the highest-scoring of a random candidate pool, scored
-by the current model (mined every batch). Evaluation scores every caption against every image of the
-split (a captions x images matrix, saved as .npy) and reports R@1/5/10 both ways.
+group. With `hard_negatives`, from epoch `hard_negatives_from_epoch` on (0-based; before it the model's
+scores carry no information, so mining would only cost time) the negatives are the highest-scoring of
+`candidate_pool` random other images, scored by the current model in one no-grad pass per batch.
+Evaluation scores every caption against every image of the split (a captions x images matrix, saved as
+.npy) and reports R@1/5/10 both ways.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from semvlp.metrics import evaluate_retrieval
 from semvlp.tasks.common import Encoder, TaskSettings, batches_of, train
 
 IMAGE_SET = "flickr30k"
-CANDIDATE_POOL = 16  # random candidates scored per caption when mining hard negatives
+EVAL_PAIRS_PER_BATCH = 512
+REGION_KEYS = ("region_feats", "region_geom", "region_mask")
+TEXT_KEYS = ("input_ids", "text_mask")
 
 
 class RetrievalModel(nn.Module):
@@ -33,57 +37,107 @@ class RetrievalModel(nn.Module):
         return logits[:, 1] - logits[:, 0]  # [B] match score (log-odds)
 
 
-def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None, negatives: int = 3, hard_negatives: bool = True):
+class PairInputs:
+    """Model inputs for (caption, image) pairs, each image's regions read from HDF5 once per call."""
+
+    def __init__(self, bank: RegionBank, tokenizer, max_text_length: int, image_ids: list[str]):
+        self.bank, self.tokenizer, self.max_text_length, self.image_ids = bank, tokenizer, max_text_length, image_ids
+
+    def regions(self, image_indices: list[int]) -> dict[str, torch.Tensor]:
+        unique = sorted(set(image_indices))
+        regions = self.bank.batch([(IMAGE_SET, self.image_ids[i]) for i in unique])
+        rows = torch.tensor([unique.index(i) for i in image_indices])
+        return {key: regions[key][rows] for key in REGION_KEYS}  # [P, R, ...]
+
+    def __call__(self, texts: list[str], image_indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.regions(image_indices)
+        batch.update(encode_text(self.tokenizer, texts, self.max_text_length))
+        return batch
+
+
+def run(
+    checkpoint,
+    files,
+    features_path,
+    tokenizer,
+    settings: TaskSettings,
+    out_dir,
+    job=None,
+    negatives: int = 3,
+    hard_negatives: bool = True,
+    candidate_pool: int = 8,
+    hard_negatives_from_epoch: int = 1,
+):
     out_dir = Path(out_dir)
     path = files["dataset"]
     images = load_flickr30k(path, settings.train_split)
     captions = [(caption, i) for i, image in enumerate(images) for caption in image.captions]
     captions = captions[: settings.max_train_examples]
-    image_ids = [image.img_id for image in images]
     encoder = Encoder(checkpoint, settings.mode)
     bank = RegionBank({IMAGE_SET: features_path}, box_dim=encoder.config.box_dim)
     model = RetrievalModel(encoder)
+    pair_inputs = PairInputs(bank, tokenizer, settings.max_text_length, [image.img_id for image in images])
     generator = torch.Generator().manual_seed(settings.seed + 7)
+    steps_per_epoch = (len(captions) + settings.batch_size - 1) // settings.batch_size
+    step = 0
 
-    def score_pairs(texts: list[str], image_indices: list[int], ids: list[str]) -> torch.Tensor:
-        batch = bank.batch([(IMAGE_SET, ids[i]) for i in image_indices])
-        batch.update(encode_text(tokenizer, texts, settings.max_text_length))
-        return model(batch)
+    def random_others(positive: int, count: int) -> list[int]:
+        drawn = torch.randperm(len(images), generator=generator)[: count + 1].tolist()
+        return [i for i in drawn if i != positive][:count]
 
-    def pick_negatives(text: str, positive: int) -> list[int]:
-        pool_size = CANDIDATE_POOL if hard_negatives else negatives
-        pool = [i for i in torch.randperm(len(images), generator=generator)[: pool_size + 1].tolist() if i != positive][:pool_size]
-        if not hard_negatives:
-            return pool[:negatives]
+    def negatives_for(chunk) -> list[list[int]]:
+        mine = hard_negatives and step // steps_per_epoch >= hard_negatives_from_epoch
+        if not mine:
+            return [random_others(positive, negatives) for _, positive in chunk]
+        pools = [random_others(positive, candidate_pool) for _, positive in chunk]
+        texts = [text for (text, _), pool in zip(chunk, pools) for _ in pool]
+        was_training = model.training
+        model.eval()  # score candidates as the model ranks at test time (no dropout)
         with torch.no_grad():
-            scores = score_pairs([text] * len(pool), pool, image_ids)
-        return [pool[i] for i in scores.topk(min(negatives, len(pool))).indices.tolist()]
+            scores = model(pair_inputs(texts, [i for pool in pools for i in pool])).split([len(p) for p in pools])
+        model.train(was_training)
+        return [[pool[i] for i in s.topk(min(negatives, len(pool))).indices.tolist()] for pool, s in zip(pools, scores)]
 
     def loss_of_batch(chunk):
+        nonlocal step
         texts, groups = [], []
-        for text, positive in chunk:
-            texts += [text] * (negatives + 1)
-            group = [positive] + pick_negatives(text, positive)
+        for (text, positive), others in zip(chunk, negatives_for(chunk)):
+            group = [positive] + others
             group += group[-1:] * (negatives + 1 - len(group))  # tiny splits: pad by repeating
+            texts += [text] * (negatives + 1)
             groups += group
-        scores = score_pairs(texts, groups, image_ids).view(len(chunk), negatives + 1)  # [B, 1 + negatives]
+        step += 1
+        scores = model(pair_inputs(texts, groups)).view(len(chunk), negatives + 1)  # [B, 1 + negatives]
         return nn.functional.cross_entropy(scores, torch.zeros(len(chunk), dtype=torch.long))
 
     losses = train(model, captions, loss_of_batch, settings, job, desc="retrieval")
     results = {}
     for split in settings.eval_splits:
-        split_images = load_flickr30k(path, split)
-        split_ids = [image.img_id for image in split_images]
-        texts = [caption for image in split_images for caption in image.captions]
-        scores = np.zeros((len(texts), len(split_images)), np.float32)  # [captions, images]
-        with torch.no_grad():
-            for j in range(len(split_images)):
-                for rows in batches_of(list(range(len(texts))), 512):
-                    scores[rows, j] = score_pairs([texts[r] for r in rows], [j] * len(rows), split_ids).numpy()
         scores_path = out_dir / f"scores_{split}.npy"
+        scores = score_split(model, path, split, bank, tokenizer, settings.max_text_length)
         scores_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = scores_path.with_name(f".tmp-{scores_path.name}")
         np.save(tmp, scores)
         tmp.replace(scores_path)
         results[split] = evaluate_retrieval(path, split, scores_path)
     return {"train_loss_last": losses[-1], "num_train": len(captions)}, results
+
+
+def score_split(model: RetrievalModel, path, split: str, bank: RegionBank, tokenizer, max_text_length: int) -> np.ndarray:
+    """Match scores [captions, images] of every caption (dataset order) against every image of the split."""
+    split_images = load_flickr30k(path, split)
+    pair_inputs = PairInputs(bank, tokenizer, max_text_length, [image.img_id for image in split_images])
+    texts = encode_text(tokenizer, [caption for image in split_images for caption in image.captions], max_text_length)
+    lengths = texts["text_mask"].sum(dim=1)  # [captions]
+    # captions of similar length share a batch, each batch cut to its longest: less padding to encode
+    order = torch.argsort(lengths, stable=True)
+    batches = [(rows, int(lengths[rows].max())) for rows in batches_of(order, EVAL_PAIRS_PER_BATCH)]
+    scores = np.zeros((len(order), len(split_images)), np.float32)  # [captions, images]
+    with torch.no_grad():
+        for j in range(len(split_images)):
+            image = pair_inputs.regions([j])  # [1, R, ...]: broadcast to every caption of a batch
+            for rows, length in batches:
+                batch = {key: texts[key][rows, :length] for key in TEXT_KEYS}
+                batch.update({key: value.expand(len(rows), *value.shape[1:]) for key, value in image.items()})
+                scores[rows.numpy(), j] = model(batch).numpy()
+    return scores
