@@ -115,34 +115,6 @@ def test_two_stream_text_sees_regions_only_through_cross_attention():
     assert torch.equal(encode(model, moved, "two").pooled, encode(model, inputs, "two").pooled)
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_two_stream_as_one_sequence_equals_streams_run_apart(share):
-    """The masked one-sequence two-stream pass gives what running each modality on its own gives."""
-    model = SemVLPModel(small_config(share_cross_attention=share)).eval()
-    inputs = make_inputs(model.config, batch=3)
-    inputs["text_mask"][0, 4:] = False  # padded words
-    inputs["region_mask"][1, 3:] = False  # padded regions
-    inputs["region_mask"][2] = False  # an example without regions
-    text_mask, region_mask = inputs["text_mask"].bool(), inputs["region_mask"].bool()
-    with torch.no_grad():
-        text = model.text_embeddings(inputs["input_ids"], None)
-        regions = model.region_embeddings(inputs["region_feats"], inputs["region_geom"])
-        for layer in model.layers:  # the streams apart, as LXMERT runs them
-            text = layer.self_attention(text, text, text_mask)
-            regions = layer.self_attention(regions, regions, region_mask)
-            if layer.cross_attention is not None:
-                region_module = layer.region_cross_attention or layer.cross_attention
-                text, regions = (
-                    layer.cross_attention(text, regions, region_mask),
-                    region_module(regions, text, text_mask),
-                )
-            text, regions = layer.feed_forward(text), layer.feed_forward(regions)
-        together = encode(model, inputs, "two")
-    torch.testing.assert_close(together.text_hidden, text, rtol=1e-5, atol=1e-5)
-    real = region_mask[..., None].expand_as(regions)
-    torch.testing.assert_close(together.region_hidden[real], regions[real], rtol=1e-5, atol=1e-5)
-
-
 def test_separate_cross_attention_per_direction():
     model = SemVLPModel(small_config(share_cross_attention=False)).eval()
     top = model.layers[-1]
