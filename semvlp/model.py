@@ -22,9 +22,6 @@ V vocabulary, C object labels, A attribute labels, N answers.
     to text, both computed from the post-self-attention states (LXMERT's simultaneous update).
     An attention sub-layer with nothing to attend to (an example without regions) leaves its input
     unchanged, so text alone passes through either mode exactly as through the BERT it came from.
-    Because the weights are shared, two-stream mode runs as one sequence too: self-attention masked to
-    the query's own modality, cross-attention to the other one. The result is the same as running the
-    modalities separately, with one matrix product per weight instead of one per modality.
     By default both directions share one cross-attention module per layer, as LXMERT does
     (`share_cross_attention=False` gives each direction its own).
 """
@@ -270,16 +267,13 @@ class AttentionBlock(nn.Module):
         return x.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2)
 
     def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        # queries: [B, Tq, H], keys_values: [B, Tk, H] -> [B, Tq, H]
-        # key_mask (True = attend): [B, Tk], the same keys for every query, or [B, Tq, Tk] per query
+        # queries: [B, Tq, H], keys_values: [B, Tk, H], key_mask: [B, Tk] bool (True = attend) -> [B, Tq, H]
         batch, query_len, hidden = queries.shape
         if keys_values.shape[1] == 0:
             return queries  # nothing to attend to (e.g. no regions): the sub-layer leaves the state as is
-        if key_mask.dim() == 2:
-            key_mask = key_mask[:, None, :]  # [B, 1, Tk]
-        has_key = key_mask.any(dim=-1, keepdim=True)  # [B, Tq | 1, 1]
-        # A query with no key to attend to would give NaN: let it attend anywhere, then keep its input.
-        attend = (key_mask | ~has_key)[:, None]  # [B, 1, Tq | 1, Tk]
+        has_key = key_mask.any(dim=1)  # [B]
+        # A row with no key to attend to would give NaN: let it attend anywhere, then keep its input.
+        attend = (key_mask | ~has_key[:, None])[:, None, None, :]  # [B, 1, 1, Tk]
         context = F.scaled_dot_product_attention(
             self._heads(self.query(queries)),
             self._heads(self.key(keys_values)),
@@ -289,7 +283,7 @@ class AttentionBlock(nn.Module):
         )  # [B, heads, Tq, H / heads]
         context = context.transpose(1, 2).reshape(batch, query_len, hidden)  # [B, Tq, H]
         updated = self.layer_norm(queries + self.dropout(self.output(context)))
-        return torch.where(has_key, updated, queries)
+        return torch.where(has_key[:, None, None], updated, queries)
 
 
 class FeedForward(nn.Module):
@@ -325,44 +319,20 @@ class SemVLPLayer(nn.Module):
         # hidden: [B, T + R, H] (text then regions), mask: [B, T + R] bool -> [B, T + R, H]
         return self.feed_forward(self.self_attention(hidden, hidden, mask))
 
-    def forward_two(self, hidden: torch.Tensor, masks: TwoStreamMasks) -> torch.Tensor:
-        # hidden: [B, T + R, H] (text then regions, each stream kept apart by the masks) -> [B, T + R, H]
-        hidden = self.self_attention(hidden, hidden, masks.same_modality)
+    def forward_two(
+        self, text: torch.Tensor, regions: torch.Tensor, text_mask: torch.Tensor, region_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # text: [B, T, H], regions: [B, R, H], masks: [B, T] / [B, R] bool -> ([B, T, H], [B, R, H])
+        text = self.self_attention(text, text, text_mask)
+        regions = self.self_attention(regions, regions, region_mask)
         if self.cross_attention is not None:
+            region_module = self.region_cross_attention or self.cross_attention
             # Both directions read the post-self-attention states, so neither sees the other's update.
-            if self.region_cross_attention is None:  # one module serves both directions: one call
-                hidden = self.cross_attention(hidden, hidden, masks.other_modality)
-            else:
-                text, regions = hidden.split([masks.num_text, hidden.shape[1] - masks.num_text], dim=1)
-                hidden = torch.cat(
-                    [
-                        self.cross_attention(text, regions, masks.region_mask),
-                        self.region_cross_attention(regions, text, masks.text_mask),
-                    ],
-                    dim=1,
-                )
-        return self.feed_forward(hidden)
-
-
-@dataclass
-class TwoStreamMasks:
-    """Attention masks that run the two streams as one sequence, text then regions."""
-
-    text_mask: torch.Tensor  # [B, T] bool
-    region_mask: torch.Tensor  # [B, R] bool
-    same_modality: torch.Tensor  # [B, T + R, T + R]: key is real and of the query's modality
-    other_modality: torch.Tensor  # [B, T + R, T + R]: key is real and of the other modality
-
-    @property
-    def num_text(self) -> int:
-        return self.text_mask.shape[1]
-
-    @classmethod
-    def build(cls, text_mask: torch.Tensor, region_mask: torch.Tensor) -> TwoStreamMasks:
-        is_text = torch.arange(text_mask.shape[1] + region_mask.shape[1], device=text_mask.device) < text_mask.shape[1]
-        same = is_text[:, None] == is_text[None, :]  # [T + R, T + R]
-        keys = torch.cat([text_mask, region_mask], dim=1)[:, None, :]  # [B, 1, T + R]
-        return cls(text_mask, region_mask, same_modality=keys & same, other_modality=keys & ~same)
+            text, regions = (
+                self.cross_attention(text, regions, region_mask),
+                region_module(regions, text, text_mask),
+            )
+        return self.feed_forward(text), self.feed_forward(regions)
 
 
 def init_weights(module: nn.Module, config: SemVLPConfig) -> None:
@@ -434,11 +404,8 @@ class SemVLPModel(nn.Module):
                 hidden = layer.forward_single(hidden, mask)
             text, regions = hidden.split([text.shape[1], regions.shape[1]], dim=1)
         else:
-            hidden = torch.cat([text, regions], dim=1)  # [B, T + R, H]
-            masks = TwoStreamMasks.build(text_mask, region_mask)
             for layer in self.layers:
-                hidden = layer.forward_two(hidden, masks)
-            text, regions = hidden.split([text.shape[1], regions.shape[1]], dim=1)
+                text, regions = layer.forward_two(text, regions, text_mask, region_mask)
         pooled = torch.tanh(self.pooler(text[:, 0]))  # [B, H]
         return EncoderOutput(text_hidden=text, region_hidden=regions, pooled=pooled)
 
