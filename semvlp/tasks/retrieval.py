@@ -18,6 +18,7 @@ from torch import nn
 
 from semvlp.batching import RegionBank, encode_text
 from semvlp.data.formats import load_flickr30k
+from semvlp.io import atomic_path
 from semvlp.metrics import evaluate_retrieval
 from semvlp.tasks.common import Encoder, TaskSettings, batches_of, train
 
@@ -44,9 +45,9 @@ class PairInputs:
         self.bank, self.tokenizer, self.max_text_length, self.image_ids = bank, tokenizer, max_text_length, image_ids
 
     def regions(self, image_indices: list[int]) -> dict[str, torch.Tensor]:
-        unique = sorted(set(image_indices))
-        regions = self.bank.batch([(IMAGE_SET, self.image_ids[i]) for i in unique])
-        rows = torch.tensor([unique.index(i) for i in image_indices])
+        row_of = {i: row for row, i in enumerate(sorted(set(image_indices)))}
+        regions = self.bank.batch([(IMAGE_SET, self.image_ids[i]) for i in row_of])
+        rows = torch.tensor([row_of[i] for i in image_indices])
         return {key: regions[key][rows] for key in REGION_KEYS}  # [P, R, ...]
 
     def __call__(self, texts: list[str], image_indices: list[int]) -> dict[str, torch.Tensor]:
@@ -115,10 +116,8 @@ def run(
     for split in settings.eval_splits:
         scores_path = out_dir / f"scores_{split}.npy"
         scores = score_split(model, path, split, bank, tokenizer, settings.max_text_length)
-        scores_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = scores_path.with_name(f".tmp-{scores_path.name}")
-        np.save(tmp, scores)
-        tmp.replace(scores_path)
+        with atomic_path(scores_path) as tmp, open(tmp, "wb") as file:
+            np.save(file, scores)  # a file object: np.save would add ".npy" to a temporary name
         results[split] = evaluate_retrieval(path, split, scores_path)
     return {"train_loss_last": losses[-1], "num_train": len(captions)}, results
 
