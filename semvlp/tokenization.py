@@ -26,15 +26,20 @@ def train_wordpiece(sentences: Iterable[str], vocab_size: int, out_dir: str | Pa
 
     Normalisation and pre-tokenisation are BERT's (clean text, lowercase, strip accents, split on
     whitespace and punctuation), so `load_tokenizer` reproduces them. `vocab_size` counts the
-    special tokens and the character alphabet; a small corpus may give fewer entries.
+    special tokens and the character alphabet; a small corpus may give fewer entries. The same
+    sentences give the same file in every process (see `_alphabet`).
     """
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    sentences = list(sentences)
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##", show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=[*SPECIAL_TOKENS, *_alphabet(tokenizer, sentences)],
+        continuing_subword_prefix="##",
+        show_progress=False,
     )
     tokenizer.train_from_iterator(sentences, trainer=trainer)
     vocab = tokenizer.get_vocab()  # token -> id, ids 0..n-1
@@ -45,6 +50,22 @@ def train_wordpiece(sentences: Iterable[str], vocab_size: int, out_dir: str | Pa
     with atomic_path(vocab_path) as tmp:
         tmp.write_text("".join(token + "\n" for token in tokens), encoding="utf-8")
     return vocab_path
+
+
+def _alphabet(tokenizer: Tokenizer, sentences: list[str]) -> list[str]:
+    """The corpus' characters in sorted order: word-initial ones bare, the others with the `##` prefix.
+
+    The trainer gives the `##` characters ids in the iteration order of a hash map that is seeded
+    anew in every process, and breaks ties between equally frequent merges by those ids, so the
+    learnt vocabulary differed from run to run. Handing it the alphabet up front (as tokens it keeps
+    first) fixes the ids and with them every tie-break.
+    """
+    initial, continuing = set(), set()
+    for sentence in sentences:
+        for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(sentence)):
+            initial.add(word[0])
+            continuing.update(word[1:])
+    return sorted(initial) + ["##" + char for char in sorted(continuing)]
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> BertTokenizerFast:

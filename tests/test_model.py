@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -463,3 +465,21 @@ def test_wordpiece_training_and_loading(tmp_path):
 
     with pytest.raises(InputError, match="vocab.txt"):
         load_tokenizer(tmp_path)
+
+
+def test_wordpiece_training_is_the_same_in_every_process(tmp_path):
+    # Equally frequent words make the trainer break many ties; each process seeds its hash maps anew.
+    sentences = ["alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike"] * 3 + [
+        "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+    ] * 3
+    script = (
+        "import sys; from semvlp.tokenization import train_wordpiece; "
+        "train_wordpiece(sys.argv[2:], 70, sys.argv[1])"
+    )
+    vocabularies = []
+    for run in range(4):
+        out_dir = tmp_path / str(run)
+        subprocess.run([sys.executable, "-c", script, str(out_dir), *sentences], check=True)
+        vocabularies.append((out_dir / "vocab.txt").read_text())
+    assert len(vocabularies[0].splitlines()) == 70  # the size limit binds, so tie-breaks decide what is kept
+    assert vocabularies[1:] == vocabularies[:1] * 3
