@@ -136,7 +136,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if job is not None:
                 job.log_metrics(
                     {"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0], "samples_per_s": len(chunk) / (time.perf_counter() - tic)},
