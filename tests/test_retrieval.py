@@ -8,7 +8,7 @@ import torch
 from semvlp.batching import RegionBank
 from semvlp.data.formats import load_flickr30k
 from semvlp.tasks.common import Encoder
-from semvlp.tasks.retrieval import PairInputs, RetrievalModel, score_split
+from semvlp.tasks.retrieval import PairInputs, RetrievalModel, draw_excluding, padded, score_split
 from semvlp.tokenization import load_tokenizer
 
 
@@ -46,3 +46,15 @@ def test_pair_inputs_read_each_image_once_and_keep_pair_order(tiny_run):
     for key in ("region_feats", "region_geom", "region_mask"):
         assert torch.equal(batch[key], torch.cat([single[key] for single in one_by_one]))
     assert batch["input_ids"].shape[0] == 4
+
+
+def test_negatives_are_distinct_and_never_excluded():
+    generator = torch.Generator().manual_seed(0)
+    caption_image = [i // 5 for i in range(50)]  # five captions per image, as in Flickr30K
+    for _ in range(200):
+        drawn = draw_excluding(50, 3, lambda c: caption_image[c] == 4, generator)
+        assert len(drawn) == len(set(drawn)) == 3 and all(caption_image[c] != 4 for c in drawn)
+    # fewer allowed indices than asked: all of them, once each
+    assert sorted(draw_excluding(6, 8, lambda c: c in (1, 3), generator)) == [0, 2, 4, 5]
+    assert draw_excluding(6, 0, lambda c: False, generator) == []
+    assert padded([7, 9], 4, 0) == [7, 9, 9, 9] and padded([], 2, 5) == [5, 5]

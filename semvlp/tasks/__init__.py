@@ -11,7 +11,7 @@ from semvlp.tokenization import load_tokenizer
 
 TASKS = {"vqa": vqa, "gqa": gqa, "nlvr2": nlvr2, "retrieval": retrieval}
 # Task-specific config keys passed to the task's run() besides the common settings.
-EXTRA_KEYS = {"vqa": ("min_answer_count",), "retrieval": ("negatives", "hard_negatives", "candidate_pool", "hard_negatives_from_epoch")}
+EXTRA_KEYS = {"vqa": ("min_answer_count",), "retrieval": ("negatives", "caption_negatives", "hard_negatives", "candidate_pool", "hard_negatives_from_epoch")}
 
 
 def run_task(

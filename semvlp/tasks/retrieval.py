@@ -1,9 +1,12 @@
 """Flickr30K retrieval: rank image-caption pairs with the matching head.
 
-Training: for each caption, its image against `negatives` other images, softmax cross-entropy over the
-group. With `hard_negatives`, from epoch `hard_negatives_from_epoch` on (0-based; before it the model's
-scores carry no information, so mining would only cost time) the negatives are the highest-scoring of
-`candidate_pool` random other images, scored by the current model in one no-grad pass per batch.
+Training ranks in both directions, as evaluation does: each caption's image against `negatives` other
+images, and that image's match with the caption against `caption_negatives` captions of other images,
+each group a softmax cross-entropy (the two averaged). Ranking images per caption alone leaves a
+per-caption bias in the score unpunished, and then a few captions top every image in text retrieval.
+With `hard_negatives`, from epoch `hard_negatives_from_epoch` on (0-based; before it the model's scores
+carry no information, so mining would only cost time) the negatives are the highest-scoring of
+`candidate_pool` random candidates, scored by the current model in one no-grad pass per batch.
 Evaluation scores every caption against every image of the split (a captions x images matrix, saved as
 .npy) and reports R@1/5/10 both ways.
 """
@@ -65,6 +68,7 @@ def run(
     out_dir,
     job=None,
     negatives: int = 3,
+    caption_negatives: int = 3,
     hard_negatives: bool = True,
     candidate_pool: int = 8,
     hard_negatives_from_epoch: int = 1,
@@ -82,34 +86,61 @@ def run(
     steps_per_epoch = (len(captions) + settings.batch_size - 1) // settings.batch_size
     step = 0
 
-    def random_others(positive: int, count: int) -> list[int]:
-        drawn = torch.randperm(len(images), generator=generator)[: count + 1].tolist()
-        return [i for i in drawn if i != positive][:count]
+    def other_images(image: int, count: int) -> list[int]:
+        return draw_excluding(len(images), count, lambda i: i == image, generator)
 
-    def negatives_for(chunk) -> list[list[int]]:
-        mine = hard_negatives and step // steps_per_epoch >= hard_negatives_from_epoch
-        if not mine:
-            return [random_others(positive, negatives) for _, positive in chunk]
-        pools = [random_others(positive, candidate_pool) for _, positive in chunk]
-        texts = [text for (text, _), pool in zip(chunk, pools) for _ in pool]
+    def other_captions(image: int, count: int) -> list[int]:
+        return draw_excluding(len(captions), count, lambda c: captions[c][1] == image, generator)
+
+    def hardest(pools: list[list[tuple[str, int]]], count: int) -> list[list[int]]:
+        """Positions of the `count` best-scoring (text, image) pairs of each pool, all scored in one pass."""
+        flat = [pair for pool in pools for pair in pool]
         was_training = model.training
         model.eval()  # score candidates as the model ranks at test time (no dropout)
         with torch.no_grad():
-            scores = model(pair_inputs(texts, [i for pool in pools for i in pool])).split([len(p) for p in pools])
+            scores = model(pair_inputs([text for text, _ in flat], [image for _, image in flat]))
         model.train(was_training)
-        return [[pool[i] for i in s.topk(min(negatives, len(pool))).indices.tolist()] for pool, s in zip(pools, scores)]
+        return [s.topk(min(count, len(s))).indices.tolist() for s in scores.split([len(pool) for pool in pools])]
+
+    def negatives_for(chunk) -> tuple[list[list[int]], list[list[int]]]:
+        """Per (caption, image) of the chunk: negative image indices, negative caption indices."""
+        mine = hard_negatives and step // steps_per_epoch >= hard_negatives_from_epoch
+        image_pools = [other_images(image, candidate_pool if mine else negatives) for _, image in chunk]
+        caption_pools = [other_captions(image, candidate_pool if mine else caption_negatives) for _, image in chunk]
+        if not mine:
+            return image_pools, caption_pools
+        pairs = [[(text, i) for i in pool] for (text, _), pool in zip(chunk, image_pools)]
+        if caption_negatives:
+            pairs += [[(captions[c][0], image) for c in pool] for (_, image), pool in zip(chunk, caption_pools)]
+        best = hardest(pairs, max(negatives, caption_negatives))
+        image_best, caption_best = best[: len(chunk)], best[len(chunk) :] or [[] for _ in chunk]
+        return (
+            [[pool[k] for k in top[:negatives]] for pool, top in zip(image_pools, image_best)],
+            [[pool[k] for k in top[:caption_negatives]] for pool, top in zip(caption_pools, caption_best)],
+        )
 
     def loss_of_batch(chunk):
         nonlocal step
-        texts, groups = [], []
-        for (text, positive), others in zip(chunk, negatives_for(chunk)):
-            group = [positive] + others
-            group += group[-1:] * (negatives + 1 - len(group))  # tiny splits: pad by repeating
-            texts += [text] * (negatives + 1)
-            groups += group
+        image_negatives, text_negatives = negatives_for(chunk)
+        texts = [text for text, _ in chunk]
+        image_ids = [image for _, image in chunk]
+        for (text, image), others in zip(chunk, image_negatives):
+            others = padded(others, negatives, image)  # tiny splits: fewer images than negatives
+            texts += [text] * negatives
+            image_ids += others
+        for (text, image), others in zip(chunk, text_negatives):
+            texts += padded([captions[c][0] for c in others], caption_negatives, text)
+            image_ids += [image] * caption_negatives
         step += 1
-        scores = model(pair_inputs(texts, groups)).view(len(chunk), negatives + 1)  # [B, 1 + negatives]
-        return nn.functional.cross_entropy(scores, torch.zeros(len(chunk), dtype=torch.long))
+        scores = model(pair_inputs(texts, image_ids))
+        positive, by_image, by_caption = scores.split([len(chunk), len(chunk) * negatives, len(chunk) * caption_negatives])
+        target = torch.zeros(len(chunk), dtype=torch.long)
+        images_ranked = torch.cat([positive[:, None], by_image.view(len(chunk), negatives)], dim=1)  # [B, 1 + negatives]
+        loss = nn.functional.cross_entropy(images_ranked, target)
+        if caption_negatives:
+            captions_ranked = torch.cat([positive[:, None], by_caption.view(len(chunk), caption_negatives)], dim=1)
+            loss = (loss + nn.functional.cross_entropy(captions_ranked, target)) / 2
+        return loss
 
     losses = train(model, captions, loss_of_batch, settings, job, desc="retrieval")
     results = {}
@@ -120,6 +151,26 @@ def run(
             np.save(file, scores)  # a file object: np.save would add ".npy" to a temporary name
         results[split] = evaluate_retrieval(path, split, scores_path)
     return {"train_loss_last": losses[-1], "num_train": len(captions)}, results
+
+
+def draw_excluding(population: int, count: int, excluded, generator: torch.Generator) -> list[int]:
+    """Up to `count` distinct random indices below `population` for which `excluded(index)` is false."""
+    drawn: list[int] = []
+    if count == 0:
+        return drawn
+    # a few random draws usually suffice; permuting a 145k-caption split for every example would not be cheap
+    for candidates in (torch.randint(population, (2 * count + 8,), generator=generator), torch.randperm(population, generator=generator)):
+        for index in candidates.tolist():
+            if index not in drawn and not excluded(index):
+                drawn.append(index)
+                if len(drawn) == count:
+                    return drawn
+    return drawn  # fewer allowed indices than `count`
+
+
+def padded(items: list, size: int, fallback) -> list:
+    """`items` repeated at its end (or `fallback` when empty) to `size` entries."""
+    return items + ([items[-1]] if items else [fallback]) * (size - len(items))
 
 
 def score_split(model: RetrievalModel, path, split: str, bank: RegionBank, tokenizer, max_text_length: int) -> np.ndarray:
