@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from semvlp.tasks import gqa, nlvr2, retrieval, vqa
 from semvlp.tasks.common import TaskSettings
 from semvlp.tokenization import load_tokenizer
@@ -31,4 +33,5 @@ def run_task(
     settings = TaskSettings.from_config(task_config, seed=seed, max_text_length=max_text_length)
     extra = {k: task_config[k] for k in EXTRA_KEYS.get(task, ()) if k in task_config}
     tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)  # the task's new head is initialised before train() seeds the batches
     return TASKS[task].run(checkpoint, files, features_path, tokenizer, settings, out_dir, job, **extra)
