@@ -106,14 +106,14 @@ def run(
         """Per (caption, image) of the chunk: negative image indices, negative caption indices."""
         mine = hard_negatives and step // steps_per_epoch >= hard_negatives_from_epoch
         image_pools = [other_images(image, candidate_pool if mine else negatives) for _, image in chunk]
-        caption_pools = [other_captions(image, candidate_pool if mine else caption_negatives) for _, image in chunk]
+        caption_pool = (candidate_pool if mine else caption_negatives) if caption_negatives else 0
+        caption_pools = [other_captions(image, caption_pool) for _, image in chunk]
         if not mine:
             return image_pools, caption_pools
         pairs = [[(text, i) for i in pool] for (text, _), pool in zip(chunk, image_pools)]
-        if caption_negatives:
-            pairs += [[(captions[c][0], image) for c in pool] for (_, image), pool in zip(chunk, caption_pools)]
+        pairs += [[(captions[c][0], image) for c in pool] for (_, image), pool in zip(chunk, caption_pools)]
         best = hardest(pairs, max(negatives, caption_negatives))
-        image_best, caption_best = best[: len(chunk)], best[len(chunk) :] or [[] for _ in chunk]
+        image_best, caption_best = best[: len(chunk)], best[len(chunk) :]
         return (
             [[pool[k] for k in top[:negatives]] for pool, top in zip(image_pools, image_best)],
             [[pool[k] for k in top[:caption_negatives]] for pool, top in zip(caption_pools, caption_best)],
