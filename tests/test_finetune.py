@@ -16,7 +16,7 @@ def test_finetuning_does_not_depend_on_the_global_random_state(tiny_run, tmp_pat
     for disturbance in (1, 2):
         torch.manual_seed(disturbance)
         torch.rand(disturbance)
-        summary, metrics = run_task(
+        summary, _ = run_task(
             "nlvr2",
             checkpoint=results / "pretrain" / "semvlp" / "phase2.pt",
             files={"train_data": nlvr2 / "train.json", "dev_data": nlvr2 / "dev.json"},
