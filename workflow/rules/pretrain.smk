@@ -53,10 +53,11 @@ rule pretrain_phase:
         "results/logs/pretrain_phase/{variant}/phase{index}.log",
     benchmark:
         "results/benchmarks/pretrain_phase/{variant}/phase{index}.tsv"
-    # One thread, first in line: the phases are the run's longest chain. A two-thread job waits for two
-    # free cores at once, and on 2 cores every core that came free went to a fine-tuning of `none`
-    # first (the default run spent 4.6 minutes before its first phase). More cores: --set-threads.
-    threads: 1
+    # First in line: the phases are the run's longest chain. Phases and fine-tunings take the same
+    # number of threads: a two-thread phase among one-thread fine-tunings waits for two free cores at
+    # once, and on 2 cores every core that came free went to a fine-tuning of `none` first (4.6 minutes
+    # before the first phase). Other machines: --set-threads pretrain_phase=N finetune=M.
+    threads: 2
     priority: 10
     resources:
         **rule_resources("pretrain_phase", mem_mb=8000, runtime=600, gpu=0),
