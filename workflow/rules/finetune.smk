@@ -17,8 +17,8 @@ rule finetune:
         "results/logs/finetune/{variant}/{task}/seed{seed}.log",
     benchmark:
         "results/benchmarks/finetune/{variant}/{task}/seed{seed}.tsv"
-    # as many as pretrain_phase (see there); two threads run a fine-tuning 1.65x as fast as one
-    threads: 2
+    # one thread: two fine-tunings side by side finish sooner than one after the other on two threads
+    threads: 1
     resources:
         **rule_resources("finetune", mem_mb=8000, runtime=600, gpu=0),
     conda:

@@ -17,6 +17,10 @@ rule init_model:
         "results/logs/init_model/{variant}.log",
     benchmark:
         "results/benchmarks/init_model/{variant}.tsv"
+    # Two threads and first in line like the phases, although it needs neither: on 2 cores the one-thread
+    # fine-tunings of `none` could otherwise take the core that the first phase waits for (see below).
+    threads: 2
+    priority: 10
     resources:
         **rule_resources("init_model", mem_mb=2000, runtime=10),
     conda:
@@ -53,10 +57,11 @@ rule pretrain_phase:
         "results/logs/pretrain_phase/{variant}/phase{index}.log",
     benchmark:
         "results/benchmarks/pretrain_phase/{variant}/phase{index}.tsv"
-    # First in line: the phases are the run's longest chain. Phases and fine-tunings take the same
-    # number of threads: a two-thread phase among one-thread fine-tunings waits for two free cores at
-    # once, and on 2 cores every core that came free went to a fine-tuning of `none` first (4.6 minutes
-    # before the first phase). Other machines: --set-threads pretrain_phase=N finetune=M.
+    # Two threads, first in line: the phases are the run's longest chain. A two-thread job waits for two
+    # free cores at once, and on 2 cores every core that came free used to go to a one-thread fine-tuning
+    # of `none` (4.6 minutes before the first phase). Now nothing with a lower priority can start while
+    # the chain runs: init_model also takes both cores, so when it ends both are free for phase 1, and
+    # each phase frees both for the next. Other machines: --set-threads pretrain_phase=N.
     threads: 2
     priority: 10
     resources:
