@@ -14,6 +14,8 @@ SEEDS = config["finetune"]["seeds"]
 IMAGE_SETS = config["regions"]["image_sets"]
 # The image set each task reads (DEVELOPERS.md, "Image sets").
 TASK_IMAGE_SET = {"vqa": "coco", "gqa": "gqa", "nlvr2": "nlvr2", "retrieval": "flickr30k"}
+# the order fine-tunings start in when several are ready (rule finetune)
+FINETUNE_PRIORITY = {"retrieval": 4, "vqa": 3, "gqa": 2, "nlvr2": 1}
 # The image set of each pre-training corpus source.
 SOURCE_IMAGE_SET = {"coco_captions": "coco", "vqa": "coco", "gqa": "gqa"}
 ENV = "../../envs/semvlp.yaml"
