@@ -19,8 +19,7 @@ rule finetune:
         "results/benchmarks/finetune/{variant}/{task}/seed{seed}.tsv"
     # one thread: two fine-tunings side by side finish sooner than one after the other on two threads
     threads: 1
-    # longest first (default run: retrieval 165 s, VQA 90, GQA 46, NLVR2 29), so that the run does not
-    # end on one core with a long job while the other idles; all below the pre-training chain's 10
+    # longest first, so that the run does not end on one core with a long job while the other idles
     priority: lambda wildcards: FINETUNE_PRIORITY[wildcards.task]
     resources:
         **rule_resources("finetune", mem_mb=8000, runtime=600, gpu=0),

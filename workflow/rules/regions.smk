@@ -43,6 +43,7 @@ if BACKEND == "tsv":
             "results/logs/import_tsv_features/{image_set}.log",
         benchmark:
             "results/benchmarks/import_tsv_features/{image_set}.tsv"
+        priority: FEATURES_PRIORITY
         resources:
             **rule_resources("import_tsv_features", mem_mb=2000, runtime=120),
         conda:
@@ -70,6 +71,7 @@ else:
             "results/logs/extract_regions/{image_set}/shard{shard}.log",
         benchmark:
             "results/benchmarks/extract_regions/{image_set}/shard{shard}.tsv"
+        priority: FEATURES_PRIORITY
         resources:
             **rule_resources("extract_regions", mem_mb=4000, runtime=240, gpu=0),
         conda:
@@ -88,6 +90,7 @@ else:
             "results/logs/merge_regions/{image_set}.log",
         benchmark:
             "results/benchmarks/merge_regions/{image_set}.tsv"
+        priority: FEATURES_PRIORITY
         resources:
             **rule_resources("merge_regions", mem_mb=2000, runtime=60),
         conda:
