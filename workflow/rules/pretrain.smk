@@ -20,7 +20,7 @@ rule init_model:
     # Two threads and first in line like the phases, although it needs neither: on 2 cores the one-thread
     # fine-tunings of `none` could otherwise take the core that the first phase waits for (see below).
     threads: 2
-    priority: 10
+    priority: CHAIN_PRIORITY
     resources:
         **rule_resources("init_model", mem_mb=2000, runtime=10),
     conda:
@@ -63,7 +63,7 @@ rule pretrain_phase:
     # the chain runs: init_model also takes both cores, so when it ends both are free for phase 1, and
     # each phase frees both for the next. Other machines: --set-threads pretrain_phase=N.
     threads: 2
-    priority: 10
+    priority: CHAIN_PRIORITY
     resources:
         **rule_resources("pretrain_phase", mem_mb=8000, runtime=600, gpu=0),
     conda:
