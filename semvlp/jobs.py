@@ -274,7 +274,7 @@ def _finetune(smk, job):
 
     task, seed = smk.wildcards.task, int(smk.wildcards.seed)
     out_dir = Path(smk.output.metrics).parent
-    job.set_tags({"semvlp.upstream_run_id": tracking.read_run_id(f"{smk.input.checkpoint}.run_id"), "semvlp.mode": smk.params.task_config["mode"]})
+    job.set_tags({"semvlp.upstream_run_id": tracking.read_run_id(f"{smk.input.checkpoint}.run_id")})
     summary, results = run_task(
         task,
         checkpoint=smk.input.checkpoint,
@@ -287,6 +287,7 @@ def _finetune(smk, job):
         out_dir=out_dir,
         job=job,
     )
+    job.set_tags({"semvlp.mode": summary["mode"]})  # `auto` resolved against the checkpoint
     for split, metrics in results.items():
         job.log_metrics({f"{split}.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     for path in sorted(out_dir.glob("predictions_*")) + sorted(out_dir.glob("scores_*")):

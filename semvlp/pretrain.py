@@ -213,13 +213,13 @@ def _schedule(optimizer, steps: int, warmup_ratio: float):
 
 def _grounding(model, records, bank, tokenizer, settings: PhaseSettings) -> dict[str, float]:
     """grounding_{mode}_* of the phase's final model on a fixed sample of its ITM-source sentences
-    (semvlp.diagnostics), in each mode the phase trained."""
+    (semvlp.diagnostics), in both modes: the weights are shared, so a phase of one mode can help or
+    hurt the other, and alternating schedules are judged by that."""
     described = [r for r in records if r.source in settings.itm_sources]
     if len({(r.img_set, r.img_id) for r in described}) < 2:
         return {}
-    modes = ("single", "two") if settings.mode == "mixed" else (settings.mode,)
     values = {}
-    for mode in modes:
+    for mode in ("single", "two"):
         # a phase without text masking still needs masked words to measure the image's effect
         report = grounding_report(
             model, described, bank, tokenizer, mode=mode, mask_prob=settings.text_mask_prob or 0.15,

@@ -148,9 +148,10 @@ def test_phase_logs_matching_accuracy(world, tmp_path):
     accuracies = [h["itm_accuracy"] for h in history(tmp_path) if "itm_accuracy" in h]
     assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)
     assert 0.0 <= summary["mean_last10_itm_accuracy"] <= 1.0
-    # the grounding diagnostic of the final model, in the phase's mode
-    assert 0.0 <= summary["grounding_single_itm_accuracy"] <= 1.0
-    assert summary["grounding_single_mlm_loss_own_image"] > 0
+    # the grounding diagnostic of the final model, in both modes (the trained one and the other)
+    for mode in ("single", "two"):
+        assert 0.0 <= summary[f"grounding_{mode}_itm_accuracy"] <= 1.0
+        assert summary[f"grounding_{mode}_mlm_loss_own_image"] > 0
 
 
 def phase_process(world, out_dir: Path, steps: int) -> subprocess.Popen:

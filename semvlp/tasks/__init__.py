@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from semvlp.tasks import gqa, nlvr2, retrieval, vqa
-from semvlp.tasks.common import TaskSettings
+from semvlp.tasks.common import TaskSettings, trained_mode
 from semvlp.tokenization import load_tokenizer
 
 TASKS = {"vqa": vqa, "gqa": gqa, "nlvr2": nlvr2, "retrieval": retrieval}
@@ -29,9 +29,16 @@ def run_task(
     out_dir: str | Path,
     job=None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
-    """Fine-tune and evaluate; returns (training summary, {eval split: {metric: value}})."""
+    """Fine-tune and evaluate; returns (training summary, {eval split: {metric: value}}).
+
+    The summary's `mode` is the encoder mode used: task_config's, or with `auto` the checkpoint's
+    last trained one.
+    """
     settings = TaskSettings.from_config(task_config, seed=seed, max_text_length=max_text_length)
+    if settings.mode == "auto":
+        settings.mode = trained_mode(checkpoint)
     extra = {k: task_config[k] for k in EXTRA_KEYS.get(task, ()) if k in task_config}
     tokenizer = load_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)  # the task's new head is initialised before train() seeds the batches
-    return TASKS[task].run(checkpoint, files, features_path, tokenizer, settings, out_dir, job, **extra)
+    summary, results = TASKS[task].run(checkpoint, files, features_path, tokenizer, settings, out_dir, job, **extra)
+    return {"mode": settings.mode, **summary}, results

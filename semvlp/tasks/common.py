@@ -18,7 +18,7 @@ from semvlp.pretrain import load_model
 class TaskSettings:
     train_split: str
     eval_splits: list[str]
-    mode: str  # single | two | both (outputs of the two modes averaged)
+    mode: str  # single | two | both (outputs of the two modes averaged) | auto (see trained_mode)
     epochs: int
     batch_size: int
     lr: float
@@ -32,6 +32,19 @@ class TaskSettings:
     def from_config(cls, task_config: dict[str, Any], *, seed: int, max_text_length: int) -> "TaskSettings":
         known = {k: task_config[k] for k in cls.__dataclass_fields__ if k in task_config}
         return cls(seed=seed, max_text_length=max_text_length, **known)
+
+
+def trained_mode(checkpoint_path) -> str:
+    """The encoder mode the checkpoint's last pre-training phase trained: `two` after a two-stream phase,
+    otherwise `single` (the initialisation, a single-stream or a mixed phase).
+
+    Why it matters: the stack's weights are shared, but each phase mostly improves the mode it trains.
+    After the `semvlp` schedule's closing two-stream phase the single-stream mode answers existence
+    questions at chance while the two-stream mode gets 77% (README, "Which mode to fine-tune in").
+    """
+    # mmap: only the small `history` entry is read, not the weights and optimiser state
+    history = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True).get("history", [])
+    return "two" if history and history[-1]["mode"] == "two" else "single"
 
 
 class Encoder(nn.Module):
