@@ -38,9 +38,9 @@ def trained_mode(checkpoint_path) -> str:
     """The encoder mode the checkpoint's last pre-training phase trained: `two` after a two-stream phase,
     otherwise `single` (the initialisation, a single-stream or a mixed phase).
 
-    Why it matters: the stack's weights are shared, but each phase mostly improves the mode it trains.
-    After the `semvlp` schedule's closing two-stream phase the single-stream mode answers existence
-    questions at chance while the two-stream mode gets 77% (README, "Which mode to fine-tune in").
+    Why it matters: the stack's weights are shared, but a two-stream phase erases what single-stream
+    phases taught the single-stream mode: after `[single, two, single, two]` that mode answers
+    existence questions at chance while the two-stream mode gets 77% (README, "Which mode to fine-tune in").
     """
     # mmap: only the small `history` entry is read, not the weights and optimiser state
     history = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True).get("history", [])
