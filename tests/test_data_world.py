@@ -21,7 +21,9 @@ from skimage.measure import label, regionprops
 
 from semvlp.data.corpus import CorpusRecord, build_corpus, read_corpus, write_corpus
 from semvlp.data.formats import load_coco_captions, load_coco_instances, load_flickr30k, load_gqa, load_nlvr2, load_vqa
-from semvlp.data.world import COLOUR_RGB, COLOURS, SHAPES, SIZES, WorldSpec, generate_world, object_side
+from semvlp.data.world import (
+    COLOUR_RGB, COLOURS, NLVR2_TEMPLATES, SHAPES, SIZES, WorldSpec, generate_world, nlvr2_statements, object_side,
+)
 from semvlp.errors import InputError
 from semvlp.io import file_digest
 from semvlp.metrics import normalize_vqa_answer
@@ -29,6 +31,7 @@ from semvlp.metrics import normalize_vqa_answer
 SMALL = WorldSpec(
     seed=3, coco_train=30, coco_val=8, gqa_train=30, gqa_val=8, nlvr2_train=48, nlvr2_dev=16,
     flickr_train=10, flickr_val=3, flickr_test=4, vqa_questions_per_image=5, gqa_questions_per_image=6,
+    nlvr2_sentences_per_set=2, nlvr2_templates=NLVR2_TEMPLATES,  # every template, so every truth rule is checked
 )
 OFFICIAL_FILES = [
     "coco/annotations/instances_train2014.json", "coco/annotations/instances_val2014.json",
@@ -242,7 +245,7 @@ def test_layout_and_manifest(world):
     for name in OFFICIAL_FILES:
         assert (world / name).is_file(), name
     manifest = json.loads((world / "MANIFEST.json").read_text())
-    assert manifest["spec"] == asdict(SMALL)
+    assert manifest["spec"] == json.loads(json.dumps(asdict(SMALL)))
     assert manifest["vocab"] == {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES)}
     assert manifest["counts"]["coco"]["train2014"]["images"] == SMALL.coco_train
     assert manifest["counts"]["nlvr2"]["dev"]["examples"] == SMALL.nlvr2_dev
@@ -426,7 +429,7 @@ def test_regenerating_replaces_the_old_world(tmp_path):
     (root / "MANIFEST.json").unlink()  # Snakemake removes the output before rerunning the job
     generate_world(root, TINY)
     assert len(list((root / "coco/images/train2014").iterdir())) == TINY.coco_train  # no stale images
-    assert json.loads((root / "MANIFEST.json").read_text())["spec"] == asdict(TINY)
+    assert json.loads((root / "MANIFEST.json").read_text())["spec"] == json.loads(json.dumps(asdict(TINY)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded"]
 
 
@@ -445,6 +448,21 @@ def test_spec_checks():
         generate_world(Path("/nonexistent/never-written"), WorldSpec(seed=0, min_objects=4, max_objects=3))
     with pytest.raises(ValueError, match="nlvr2_dev"):
         WorldSpec(seed=0, nlvr2_dev=0).check()
+    with pytest.raises(ValueError, match=r"nlvr2_templates .*unknown: \['exists'\]"):
+        WorldSpec(seed=0, nlvr2_templates=["exists", "both"]).check()
+    with pytest.raises(ValueError, match=r"nlvr2_sentences_per_set must be in 1\.\.6 .*got 7"):
+        WorldSpec(seed=0, nlvr2_templates=["neither"], nlvr2_sentences_per_set=7).check()
+
+
+def test_nlvr2_templates_choose_the_statements(tmp_path):
+    spec = WorldSpec(**{**asdict(TINY), "nlvr2_templates": ["both", "neither"], "nlvr2_sentences_per_set": 3})
+    assert {s.template for s in nlvr2_statements(spec)} == {"both", "neither"}
+    generate_world(tmp_path / "embedded", spec)
+    examples = load_nlvr2(tmp_path / "embedded/nlvr2/train.json")
+    assert len(examples) == spec.nlvr2_train
+    assert all(e.sentence.startswith(("Both images contain", "Neither image contains")) for e in examples)
+    # A set is 4 image pairs, each sentence labelled on all of them: 8 examples = 2 sentences on 4 pairs.
+    assert len({e.sentence for e in examples}) == 2 and len({e.left_img_id for e in examples}) == 4
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -506,5 +524,5 @@ def test_default_sizes_generate_quickly(tmp_path):
     seconds = time.perf_counter() - start
     print(f"\ndefault world ({spec}) generated in {seconds:.1f} s")
     counts = manifest["counts"]
-    assert counts["coco"]["train2014"]["images"] == 1000 and counts["nlvr2"]["train"]["examples"] == 800
-    assert 0.4 <= counts["nlvr2"]["train"]["true"] / 800 <= 0.6
+    assert counts["coco"]["train2014"]["images"] == 1000 and counts["nlvr2"]["train"]["examples"] == 1600
+    assert 0.4 <= counts["nlvr2"]["train"]["true"] / 1600 <= 0.6

@@ -67,7 +67,12 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 
 # NLVR2: each set has this many image pairs, and each of its sentences is labelled on every pair.
 NLVR2_PAIRS_PER_SET = 4
-NLVR2_SENTENCES_PER_SET = 2
+# Statement templates (see `nlvr2_statements`). The default keeps the ones about what each image holds:
+# with the counting and comparison templates mixed in, every pre-training variant stays at chance
+# after fine-tuning on a few thousand statements (README, "NLVR2 in the embedded world").
+NLVR2_TEMPLATES = ("existsIn", "relatedIn", "both", "either", "neither",
+                   "exactlyShape", "exactlyTotal", "sameTotal", "moreShape", "moreColour", "moreLarge")
+NLVR2_DEFAULT_TEMPLATES = ("existsIn", "relatedIn", "both", "either", "neither")
 
 # VQA annotator noise: share of questions with some disagreeing annotators / with surface variants.
 VQA_DISAGREEMENT_RATE = 0.3
@@ -100,13 +105,18 @@ class WorldSpec:
     coco_val: int = 250
     gqa_train: int = 600
     gqa_val: int = 200
-    nlvr2_train: int = 800
-    nlvr2_dev: int = 200
+    nlvr2_train: int = 1600
+    nlvr2_dev: int = 400
     flickr_train: int = 400
     flickr_val: int = 50
     flickr_test: int = 100
     vqa_questions_per_image: int = 4
     gqa_questions_per_image: int = 4
+    nlvr2_sentences_per_set: int = 4  # each labelled on the set's 4 image pairs
+    nlvr2_templates: tuple[str, ...] = NLVR2_DEFAULT_TEMPLATES
+
+    def __post_init__(self) -> None:
+        self.nlvr2_templates = tuple(self.nlvr2_templates)  # a config gives a list
 
     def check(self) -> None:
         """Raise ValueError naming the field when the spec cannot be generated."""
@@ -126,6 +136,15 @@ class WorldSpec:
             raise ValueError("vqa_questions_per_image must be in 1..999 (question ids are image_id*1000 + k)")
         if not 1 <= self.gqa_questions_per_image < 100:
             raise ValueError("gqa_questions_per_image must be in 1..99 (question ids are imageId + two digits)")
+        unknown = sorted(set(self.nlvr2_templates) - set(NLVR2_TEMPLATES))
+        if unknown or not self.nlvr2_templates:
+            raise ValueError(f"nlvr2_templates must be a non-empty subset of {list(NLVR2_TEMPLATES)}; unknown: {unknown}")
+        available = len(nlvr2_statements(self))
+        if not 1 <= self.nlvr2_sentences_per_set <= available:
+            raise ValueError(
+                f"nlvr2_sentences_per_set must be in 1..{available} (the statements of nlvr2_templates), "
+                f"got {self.nlvr2_sentences_per_set}"
+            )
         if max(self.coco_val, self.gqa_train, self.gqa_val) >= 1_000_000:
             raise ValueError("at most 999999 images per COCO val / GQA split (id offsets)")
 
@@ -734,7 +753,8 @@ def _related_in(left, right, side, colour, relation, shape):
 
 
 def nlvr2_statements(spec: WorldSpec) -> list[_Statement]:
-    """Every statement the generator can write about a pair of images, with its truth function."""
+    """Every statement of `spec.nlvr2_templates` the generator can write about a pair of images, with its
+    truth function."""
     statements: list[_Statement] = []
 
     def add(template: str, sentence: str, holds: Predicate) -> None:
@@ -771,7 +791,7 @@ def nlvr2_statements(spec: WorldSpec) -> list[_Statement]:
     for colour in COLOURS:
         add("neither", f"Neither image contains {article(colour)} object.", partial(_neither, colour=colour))
         add("both", f"Both images contain {article(colour)} object.", partial(_both, colour=colour))
-    return statements
+    return [s for s in statements if s.template in spec.nlvr2_templates]
 
 
 def choose_nlvr2_sentences(
@@ -908,7 +928,7 @@ def _write_gqa(root: Path, spec: WorldSpec) -> dict:
 
 def _write_nlvr2(root: Path, spec: WorldSpec) -> dict:
     statements = nlvr2_statements(spec)
-    per_set = NLVR2_PAIRS_PER_SET * NLVR2_SENTENCES_PER_SET
+    per_set = NLVR2_PAIRS_PER_SET * spec.nlvr2_sentences_per_set
     counts: dict = {}
     for split, size in (("train", spec.nlvr2_train), ("dev", spec.nlvr2_dev)):
         lines: list[str] = []
@@ -917,7 +937,7 @@ def _write_nlvr2(root: Path, spec: WorldSpec) -> dict:
         for set_index in range(-(-size // per_set)):
             rng = _rng(spec, "nlvr2", split, set_index)
             pairs = [(sample_scene(rng, spec), sample_scene(rng, spec)) for _ in range(NLVR2_PAIRS_PER_SET)]
-            for sentence_index, (sentence, labels) in enumerate(choose_nlvr2_sentences(statements, pairs, NLVR2_SENTENCES_PER_SET, rng)):
+            for sentence_index, (sentence, labels) in enumerate(choose_nlvr2_sentences(statements, pairs, spec.nlvr2_sentences_per_set, rng)):
                 for pair_index, label in enumerate(labels):
                     stem = f"{split}-{set_index}-{pair_index}"
                     pairs_by_stem[stem] = pairs[pair_index]
