@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from skimage.measure import label, regionprops
 
@@ -452,6 +453,14 @@ def test_spec_checks():
         WorldSpec(seed=0, nlvr2_templates=["exists", "both"]).check()
     with pytest.raises(ValueError, match=r"nlvr2_sentences_per_set must be in 1\.\.6 .*got 7"):
         WorldSpec(seed=0, nlvr2_templates=["neither"], nlvr2_sentences_per_set=7).check()
+
+
+def test_every_nlvr2_template_has_statements_and_a_schema_entry():
+    every = WorldSpec(seed=0, nlvr2_templates=NLVR2_TEMPLATES)
+    assert {s.template for s in nlvr2_statements(every)} == set(NLVR2_TEMPLATES)
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    generate = schema["properties"]["data"]["properties"]["generate"]["properties"]
+    assert generate["nlvr2_templates"]["items"]["enum"] == list(NLVR2_TEMPLATES)
 
 
 def test_nlvr2_templates_choose_the_statements(tmp_path):
