@@ -42,6 +42,13 @@ masked-object heads run only at the masked tokens and masked regions that the lo
 are the same as with heads everywhere); the reference models compute their heads at every position,
 as their own pre-training code does.
 
+Work done. Each model's arithmetic per training step (forward and backward, as counted by
+`torch.utils.flop_counter.FlopCounterMode` on one untimed step: matrix products and attention, the
+work that dominates a step) is printed beside its speed, with the achieved rate and the reference's /
+ours FLOP ratio. Two implementations that run equally efficiently have a speed ratio equal to their
+FLOP ratio; a speed ratio above the FLOP ratio means ours runs faster per FLOP. With `--peak-tflops`
+(the chip's peak for the precision used) the table adds model FLOPs utilisation (MFU).
+
 Timing: the steps of a pair are interleaved (ours, reference, ours, reference, ...), so a change in
 the load of the machine hits both alike; the first `--warmup` steps of each are not timed; samples/s is
 the batch size over the median wall-clock time of the `--steps` timed steps. The table also gives the
@@ -54,6 +61,8 @@ they wait for a descheduled partner count too, so on a busy machine it is as noi
     python benchmarks/train_throughput.py --sizes tiny     # tiny only
     python benchmarks/train_throughput.py --threads 1      # the contention-robust CPU-time comparison
     python benchmarks/train_throughput.py --heads-everywhere   # ours without head_positions, for comparison
+    python benchmarks/train_throughput.py --device cuda --bf16 --sizes base --batch-size 64 --peak-tflops 989
+        # on a GPU: bf16 autocast as `semvlp.pretrain` uses there, MFU against the chip's dense bf16 peak
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from semvlp.model import SemVLPConfig, SemVLPForPreTraining, box_geometry  # noqa: E402
 from semvlp.objectives import LossWeights, head_positions, mask_regions, mask_tokens, pretraining_losses  # noqa: E402
@@ -108,8 +118,10 @@ SIZES = {
 # --------------------------------------------------------------------------------------- batch
 
 
-def make_batch(batch_size: int, text_len: int, num_regions: int, seed: int) -> dict[str, torch.Tensor]:
-    """One pre-training batch in our format (see `semvlp.objectives.pretraining_losses`)."""
+def make_batch(
+    batch_size: int, text_len: int, num_regions: int, seed: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One pre-training batch in our format (see `semvlp.objectives.pretraining_losses`), on `device`."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, VOCAB_SIZE, (batch_size, text_len), generator=gen)  # [B, T]
     ids[:, 0], ids[:, -1] = CLS_ID, SEP_ID
@@ -124,7 +136,7 @@ def make_batch(batch_size: int, text_len: int, num_regions: int, seed: int) -> d
     masked_regions = mask_regions(region_mask, generator=gen)
     matched = torch.rand(batch_size, generator=gen) < 0.5
     answers = torch.randint(NUM_ANSWERS, (batch_size,), generator=gen)
-    return dict(
+    batch = dict(
         input_ids=input_ids,
         text_mask=torch.ones_like(ids, dtype=torch.bool),
         region_feats=feats.masked_fill(masked_regions[..., None], 0.0),
@@ -140,6 +152,7 @@ def make_batch(batch_size: int, text_len: int, num_regions: int, seed: int) -> d
         itm_labels=matched.long(),
         qa_labels=torch.where(matched, answers, torch.full_like(answers, -1)),
     )
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 # --------------------------------------------------------------------------------------- models and their losses
@@ -234,7 +247,7 @@ def visualbert(size: Size) -> nn.Module:
 
 def visualbert_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     # VisualBERT's masked-LM labels cover text and regions; regions carry no target.
-    region_labels = torch.full(batch["region_mask"].shape, -100, dtype=torch.long)
+    region_labels = torch.full_like(batch["region_mask"], -100, dtype=torch.long)
     output = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["text_mask"].long(),
@@ -254,26 +267,55 @@ def visualbert_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 class Trainer:
     """One model, its loss and its AdamW optimiser; `step` runs one training step and returns its seconds."""
 
-    def __init__(self, label: str, model: nn.Module, loss: Callable[[nn.Module, dict], torch.Tensor]):
+    def __init__(
+        self,
+        label: str,
+        model: nn.Module,
+        loss: Callable[[nn.Module, dict], torch.Tensor],
+        device: torch.device,
+        bf16: bool,
+    ):
         self.label = label
-        self.model = model.train()
+        self.model = model.to(device).train()
         self.loss = loss
+        self.device = device
+        self.bf16 = bf16
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        self.flops = 0  # forward + backward FLOPs of one step (count_flops)
         self.seconds: list[float] = []  # wall-clock seconds of the timed steps
         self.cpu_seconds: list[float] = []  # CPU seconds of the process (all threads) in the timed steps
 
+    def _forward_backward(self, batch: dict) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        # as `semvlp.pretrain` does on a GPU: autocast covers the forward pass and the losses
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            total = self.loss(self.model, batch)
+        total.backward()
+        return total
+
+    def count_flops(self, batch: dict) -> None:
+        """Count one step's forward and backward FLOPs (an untimed step: counting slows it down)."""
+        with FlopCounterMode(display=False) as counter:
+            self._forward_backward(batch)
+        self.flops = counter.get_total_flops()
+        self.optimizer.zero_grad(set_to_none=True)  # the counted step updates nothing
+
     def step(self, batch: dict) -> tuple[float, float]:
         """One training step; returns its (wall-clock, process CPU) seconds."""
+        self._synchronize()
         tic, cpu_tic = time.perf_counter(), time.process_time()
-        self.optimizer.zero_grad(set_to_none=True)
-        total = self.loss(self.model, batch)
-        total.backward()
+        total = self._forward_backward(batch)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
         self.optimizer.step()
+        self._synchronize()
         seconds, cpu_seconds = time.perf_counter() - tic, time.process_time() - cpu_tic
         if not torch.isfinite(total):
             raise FloatingPointError(f"{self.label}: loss is {total.item()}")
         return seconds, cpu_seconds
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":  # GPU kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize(self.device)
 
 
 @dataclass
@@ -284,8 +326,15 @@ class Row:
     batch: int
     samples_per_s: float  # batch / median wall-clock step seconds
     cpu_seconds: float  # median CPU seconds per step (all threads)
+    gflops: float  # forward + backward GFLOPs per step
     ratio: float | None  # ours / reference samples/s; None on a reference row
     cpu_ratio: float | None  # reference / ours CPU seconds per step; None on a reference row
+    flop_ratio: float | None  # reference / ours FLOPs per step; None on a reference row
+
+    @property
+    def tflops_per_s(self) -> float:
+        """Achieved rate: FLOPs per step over the median step time."""
+        return self.gflops / 1e3 * self.samples_per_s / self.batch
 
 
 def measure_pair(ours_trainer: Trainer, reference: Trainer, batch: dict, warmup: int, steps: int) -> None:
@@ -303,7 +352,8 @@ def measure_pair(ours_trainer: Trainer, reference: Trainer, batch: dict, warmup:
 
 
 def run_size(size: Size, args: argparse.Namespace) -> list[Row]:
-    batch = make_batch(args.batch_size, args.text_len, args.regions, args.seed)
+    device = torch.device(args.device)
+    batch = make_batch(args.batch_size, args.text_len, args.regions, args.seed, device)
     pairs = (
         ("two", "LXMERT", lxmert, lxmert_loss),
         ("single", "VisualBERT", visualbert, visualbert_loss),
@@ -312,34 +362,52 @@ def run_size(size: Size, args: argparse.Namespace) -> list[Row]:
     for mode, reference_name, build_reference, reference_loss in pairs:
         print(f"{size.name} {mode}-stream: SemVLP vs {reference_name}", file=sys.stderr)
         torch.manual_seed(args.seed)
-        ours_trainer = Trainer("SemVLP", ours(size), ours_loss(mode, args.heads_everywhere))
-        reference = Trainer(reference_name, build_reference(size), reference_loss)
+        ours_trainer = Trainer("SemVLP", ours(size), ours_loss(mode, args.heads_everywhere), device, args.bf16)
+        reference = Trainer(reference_name, build_reference(size), reference_loss, device, args.bf16)
+        for trainer in (ours_trainer, reference):
+            trainer.count_flops(batch)
         measure_pair(ours_trainer, reference, batch, args.warmup, args.steps)
         ours_rate = args.batch_size / statistics.median(ours_trainer.seconds)
         reference_rate = args.batch_size / statistics.median(reference.seconds)
         ours_cpu, reference_cpu = statistics.median(ours_trainer.cpu_seconds), statistics.median(reference.cpu_seconds)
-        rows.append(Row(reference_name, size.name, mode, args.batch_size, reference_rate, reference_cpu, None, None))
         rows.append(
             Row(
-                "SemVLP", size.name, mode, args.batch_size, ours_rate, ours_cpu,
+                reference_name, size.name, mode, args.batch_size, reference_rate, reference_cpu,
+                gflops=reference.flops / 1e9, ratio=None, cpu_ratio=None, flop_ratio=None,
+            )
+        )
+        rows.append(
+            Row(
+                "SemVLP", size.name, mode, args.batch_size, ours_rate, ours_cpu, gflops=ours_trainer.flops / 1e9,
                 ratio=ours_rate / reference_rate, cpu_ratio=reference_cpu / ours_cpu,
+                flop_ratio=reference.flops / ours_trainer.flops,
             )
         )
         del ours_trainer, reference  # free the pair's weights and optimiser states before the next
     return rows
 
 
-def print_table(rows: list[Row]) -> None:
-    header = ["model", "size", "mode", "batch", "samples/s (median)", "ours/ref", "CPU s/step (median)", "ref/ours CPU"]
-    table = [header] + [
-        [
+def print_table(rows: list[Row], peak_tflops: float | None) -> None:
+    header = [
+        "model", "size", "mode", "batch", "samples/s (median)", "ours/ref", "CPU s/step (median)", "ref/ours CPU",
+        "GFLOP/step", "ref/ours FLOP", "TFLOP/s",
+    ]
+    if peak_tflops:
+        header.append("MFU")
+    table = [header]
+    for row in rows:
+        line = [
             row.model, row.size, row.mode, str(row.batch), f"{row.samples_per_s:.2f}",
             "" if row.ratio is None else f"{row.ratio:.2f}x",
             f"{row.cpu_seconds:.2f}",
             "" if row.cpu_ratio is None else f"{row.cpu_ratio:.2f}x",
+            f"{row.gflops:.1f}",
+            "" if row.flop_ratio is None else f"{row.flop_ratio:.2f}x",
+            f"{row.tflops_per_s:.3f}",
         ]
-        for row in rows
-    ]
+        if peak_tflops:
+            line.append(f"{row.tflops_per_s / peak_tflops:.1%}")
+        table.append(line)
     widths = [max(len(line[column]) for line in table) for column in range(len(header))]
     for index, line in enumerate(table):
         print("| " + " | ".join(cell.ljust(width) if column < 3 else cell.rjust(width)
@@ -356,7 +424,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast over the forward pass and the losses")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the device's peak TFLOP/s at the precision used; adds an MFU column"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--heads-everywhere",
@@ -365,18 +438,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if device.type == "cuda":
+        on = torch.cuda.get_device_name(device)
+    else:
+        on = f"{torch.get_num_threads()} threads on {os.cpu_count()} CPUs"
 
     load_before = os.getloadavg()[0]
     rows = [row for name in args.sizes for row in run_size(SIZES[name], args)]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs "
+        f"torch {torch.__version__}, {on}{', bf16 autocast' if args.bf16 else ', float32'} "
         f"(1-min load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end), "
         f"text {args.text_len} tokens, {args.regions} regions x {FEATURE_DIM}-d, "
         f"{args.warmup} warm-up + {args.steps} timed steps per model"
         + (", our heads at every position" if args.heads_everywhere else "")
     )
-    print_table(rows)
-    print("command: PYTHONPATH=. " + shlex.join([sys.executable, *sys.argv]))
+    print_table(rows, args.peak_tflops)
+    arguments = sys.argv[1:] if argv is None else argv
+    print("command: PYTHONPATH=. " + shlex.join([sys.executable, "benchmarks/train_throughput.py", *arguments]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""The training-throughput benchmark runs end to end and its work accounting says what the docstring claims."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import train_throughput  # noqa: E402
+
+pytest.importorskip("transformers")
+
+
+def _table(output: str) -> list[dict[str, str]]:
+    """The printed Markdown table as one dict per row."""
+    lines = [line for line in output.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[1:]]
+
+
+def test_throughput_benchmark_prints_both_pairs_with_flops(capsys):
+    train_throughput.main(["--sizes", "tiny", "--batch-size", "2", "--warmup", "0", "--steps", "1", "--threads", "1"])
+    output = capsys.readouterr().out
+    rows = _table(output)
+    assert [(row["model"], row["mode"]) for row in rows] == [
+        ("LXMERT", "two"), ("SemVLP", "two"), ("VisualBERT", "single"), ("SemVLP", "single"),
+    ]
+    for reference, ours in (rows[0:2], rows[2:4]):
+        assert float(reference["GFLOP/step"]) > 0 and float(ours["GFLOP/step"]) > 0
+        # the reference models run their heads at every position, ours only where the losses read them
+        flop_ratio = float(reference["GFLOP/step"]) / float(ours["GFLOP/step"])
+        assert flop_ratio > 1
+        assert float(ours["ref/ours FLOP"].rstrip("x")) == pytest.approx(flop_ratio, abs=0.05)  # GFLOP are rounded
+        assert float(ours["ours/ref"].rstrip("x")) > 0
+    assert "MFU" not in rows[0]
+    assert re.search(r"^command: .*benchmarks/train_throughput\.py --sizes tiny", output, re.MULTILINE)
+
+
+def test_heads_everywhere_costs_more_flops():
+    batch = train_throughput.make_batch(2, 20, 36, seed=0, device=train_throughput.torch.device("cpu"))
+    size = train_throughput.SIZES["tiny"]
+    flops = {}
+    for everywhere in (False, True):
+        trainer = train_throughput.Trainer(
+            "SemVLP", train_throughput.ours(size), train_throughput.ours_loss("two", everywhere),
+            train_throughput.torch.device("cpu"), bf16=False,
+        )
+        trainer.count_flops(batch)
+        flops[everywhere] = trainer.flops
+        assert all(p.grad is None for p in trainer.model.parameters())  # the counted step leaves no gradients
+    # the forward vocabulary projection alone at all 20 tokens instead of the few (about 3) masked ones
+    at_least_ten_more_tokens = 2 * 10 * 2 * 256 * train_throughput.VOCAB_SIZE  # examples, tokens, FLOPs per MAC, H, V
+    assert flops[True] > flops[False] + at_least_ten_more_tokens
