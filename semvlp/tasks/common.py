@@ -1,4 +1,9 @@
-"""What every fine-tuning task shares: the encoder from a pre-training checkpoint, the training loop."""
+"""What every fine-tuning task shares: the encoder from a pre-training checkpoint, the training loop.
+
+A fine-tuning job runs on the GPU when it has one (the rule's `gpu` resource), with bf16 autocast over
+forward passes and losses as pre-training uses there; batches are built on the CPU and moved by the
+encoder. On the CPU everything stays float32.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,19 @@ class TaskSettings:
         return cls(seed=seed, max_text_length=max_text_length, **known)
 
 
+def fine_tuning_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU; a no-op on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def trained_mode(checkpoint_path) -> str:
     """The encoder mode the checkpoint's last pre-training phase trained: `two` after a two-stream phase,
     otherwise `single` (the initialisation, a single-stream or a mixed phase).
@@ -63,8 +81,10 @@ class Encoder(nn.Module):
         return self.config.hidden_size
 
     def forward(self, batch: dict[str, torch.Tensor]):
+        device = device_of(self.model)
+        inputs = {key: value.to(device) for key, value in encoder_inputs(batch).items()}
         modes = ("single", "two") if self.mode == "both" else (self.mode,)
-        outputs = [self.model.encoder(**encoder_inputs(batch), mode=mode) for mode in modes]
+        outputs = [self.model.encoder(**inputs, mode=mode) for mode in modes]
         if len(outputs) == 1:
             return outputs[0]
         first, second = outputs
@@ -106,7 +126,7 @@ def question_batcher(bank: RegionBank, image_set: str, tokenizer, max_length: in
 def predict_answers(model: AnswerClassifier, questions: Sequence, make_batch, answers: Sequence[str]) -> list[str]:
     """The highest-scoring answer of the table for each question."""
     predicted: list[str] = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device_of(model)):
         for chunk in batches_of(questions, 256):
             predicted += [answers[i] for i in model(make_batch(chunk)).argmax(-1).tolist()]
     return predicted
@@ -125,7 +145,12 @@ def train(
     job=None,
     desc: str = "fine-tune",
 ) -> list[float]:
-    """AdamW with linear warm-up and decay over `epochs` passes of shuffled examples; returns losses."""
+    """AdamW with linear warm-up and decay over `epochs` passes of shuffled examples; returns losses.
+
+    Moves `model` to the fine-tuning device, where it stays for evaluation.
+    """
+    device = fine_tuning_device()
+    model.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     steps_per_epoch = (len(examples) + settings.batch_size - 1) // settings.batch_size
@@ -143,7 +168,8 @@ def train(
         order = torch.randperm(len(examples), generator=generator).tolist()
         for chunk in batches_of(order, settings.batch_size):
             tic = time.perf_counter()
-            loss = loss_of_batch([examples[i] for i in chunk])
+            with autocast(device):
+                loss = loss_of_batch([examples[i] for i in chunk])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -30,8 +30,9 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
     make_batch = question_batcher(bank, IMAGE_SET, tokenizer, settings.max_text_length)
 
     def loss_of_batch(chunk):
-        labels = torch.tensor([table.index[q.answer] for q in chunk])
-        return nn.functional.cross_entropy(model(make_batch(chunk)), labels)
+        logits = model(make_batch(chunk))
+        labels = torch.tensor([table.index[q.answer] for q in chunk], device=logits.device)
+        return nn.functional.cross_entropy(logits, labels)
 
     losses = train(model, examples, loss_of_batch, settings, job, desc="gqa")
     results = {}

@@ -11,7 +11,7 @@ from semvlp.batching import RegionBank, encode_text
 from semvlp.data.formats import load_nlvr2
 from semvlp.io import write_text
 from semvlp.metrics import evaluate_nlvr2
-from semvlp.tasks.common import Encoder, TaskSettings, batches_of, classifier_head, train
+from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, classifier_head, device_of, train
 
 IMAGE_SET = "nlvr2"
 
@@ -44,15 +44,16 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
         return left, right
 
     def loss_of_batch(chunk):
-        labels = torch.tensor([int(e.label) for e in chunk])
-        return nn.functional.cross_entropy(model(*make_batches(chunk)), labels)
+        logits = model(*make_batches(chunk))
+        labels = torch.tensor([int(e.label) for e in chunk], device=logits.device)
+        return nn.functional.cross_entropy(logits, labels)
 
     losses = train(model, examples, loss_of_batch, settings, job, desc="nlvr2")
     results = {}
     for split in settings.eval_splits:
         path = files[f"{split}_data"]
         lines = []
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device_of(model)):
             for chunk in batches_of(load_nlvr2(path), 256):
                 best = model(*make_batches(chunk)).argmax(-1).tolist()
                 lines += [f"{e.identifier},{'True' if b else 'False'}" for e, b in zip(chunk, best)]

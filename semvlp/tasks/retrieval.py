@@ -23,7 +23,7 @@ from semvlp.batching import RegionBank, encode_text
 from semvlp.data.formats import load_flickr30k
 from semvlp.io import atomic_path
 from semvlp.metrics import evaluate_retrieval
-from semvlp.tasks.common import Encoder, TaskSettings, batches_of, train
+from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, device_of, train
 
 IMAGE_SET = "flickr30k"
 EVAL_PAIRS_PER_BATCH = 512
@@ -134,7 +134,7 @@ def run(
         step += 1
         scores = model(pair_inputs(texts, image_ids))
         positive, by_image, by_caption = scores.split([len(chunk), len(chunk) * negatives, len(chunk) * caption_negatives])
-        target = torch.zeros(len(chunk), dtype=torch.long)
+        target = torch.zeros(len(chunk), dtype=torch.long, device=scores.device)
         images_ranked = torch.cat([positive[:, None], by_image.view(len(chunk), negatives)], dim=1)  # [B, 1 + negatives]
         loss = nn.functional.cross_entropy(images_ranked, target)
         if caption_negatives:
@@ -183,11 +183,11 @@ def score_split(model: RetrievalModel, path, split: str, bank: RegionBank, token
     order = torch.argsort(lengths, stable=True)
     batches = [(rows, int(lengths[rows].max())) for rows in batches_of(order, EVAL_PAIRS_PER_BATCH)]
     scores = np.zeros((len(order), len(split_images)), np.float32)  # [captions, images]
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device_of(model)):
         for j in range(len(split_images)):
             image = pair_inputs.regions([j])  # [1, R, ...]: broadcast to every caption of a batch
             for rows, length in batches:
                 batch = {key: texts[key][rows, :length] for key in TEXT_KEYS}
                 batch.update({key: value.expand(len(rows), *value.shape[1:]) for key, value in image.items()})
-                scores[rows.numpy(), j] = model(batch).numpy()
+                scores[rows.numpy(), j] = model(batch).float().cpu().numpy()
     return scores

@@ -49,7 +49,7 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
 
     def loss_of_batch(chunk):
         logits = model(make_batch([q for q, _ in chunk]))
-        targets = torch.stack([t for _, t in chunk])
+        targets = torch.stack([t for _, t in chunk]).to(logits.device)
         # summed over answers, as LXMERT does, so the loss does not shrink with the table size
         return nn.functional.binary_cross_entropy_with_logits(logits, targets) * logits.size(1)
 
