@@ -57,7 +57,7 @@ done which other jobs on a shared machine barely move; with 2 threads, OpenMP th
 they wait for a descheduled partner count too, so on a busy machine it is as noisy as wall-clock time
 (the run prints the machine's load average to judge by).
 
-    python benchmarks/train_throughput.py                  # both sizes, batch 32: ~4 min on an idle 2-core CPU
+    python benchmarks/train_throughput.py                  # both sizes, batch 32: ~7 min on an idle 2-core CPU
     python benchmarks/train_throughput.py --sizes tiny     # tiny only
     python benchmarks/train_throughput.py --threads 1      # the contention-robust CPU-time comparison
     python benchmarks/train_throughput.py --heads-everywhere   # ours without head_positions, for comparison
