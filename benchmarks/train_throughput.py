@@ -439,9 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
         on = torch.cuda.get_device_name(device)
     else:
         on = f"{torch.get_num_threads()} threads on {os.cpu_count()} CPUs"

@@ -250,13 +250,23 @@ def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state()}
 
 
+def default_device() -> torch.device:
+    """The GPU when the job has one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU; a no-op on the CPU, where training stays float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 @dataclass
 class Distributed:
     """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
 
     rank: int = 0
     world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device: torch.device = field(default_factory=default_device)
 
     @classmethod
     def from_env(cls) -> "Distributed":
@@ -370,7 +380,7 @@ def run_phase(
         # dropout draws from the global RNG: seed it per step so a resumed run repeats it exactly
         torch.manual_seed(batches.generator(step).initial_seed() + 1)
         step_tic = time.perf_counter()
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
+        with autocast(dist.device):
             # the masked-LM and masked-object heads run only where the losses read them
             output = trained(**encoder_inputs(batch), mode=mode, **head_positions(batch))
             losses = dist.global_losses(pretraining_losses(output, batch, weights), batch, weights)

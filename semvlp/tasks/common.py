@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from semvlp.batching import RegionBank, encode_text, encoder_inputs
-from semvlp.pretrain import load_model
+from semvlp.pretrain import autocast, default_device, load_model
 
 
 @dataclass
@@ -39,17 +39,8 @@ class TaskSettings:
         return cls(seed=seed, max_text_length=max_text_length, **known)
 
 
-def fine_tuning_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on a GPU; a no-op on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def trained_mode(checkpoint_path) -> str:
@@ -149,7 +140,7 @@ def train(
 
     Moves `model` to the fine-tuning device, where it stays for evaluation.
     """
-    device = fine_tuning_device()
+    device = default_device()
     model.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
