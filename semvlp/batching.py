@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from semvlp.errors import InputError
-from semvlp.features import FeatureReader
+from semvlp.features import BOX_ARRAYS, FeatureReader
 from semvlp.model import box_geometry
 
 
@@ -49,31 +49,36 @@ class RegionBank:
         return objects, attributes
 
     def batch(self, keys: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """Padded region tensors for a list of (image set, image id)."""
-        n, k, d = len(keys), self.max_boxes, self.feature_dim
-        feats = np.zeros((n, k, d), np.float32)
-        geom = np.zeros((n, k, self.box_dim), np.float32)
-        mask = np.zeros((n, k), bool)
-        obj_ids = np.zeros((n, k), np.int64)
-        obj_confs = np.zeros((n, k), np.float32)
-        attr_ids = np.zeros((n, k), np.int64)
-        attr_confs = np.zeros((n, k), np.float32)
-        for i, (image_set, img_id) in enumerate(keys):
-            rec = self.readers[image_set].get(img_id)
-            m = rec.num_boxes
-            feats[i, :m] = rec.features
-            geom[i, :m] = box_geometry(rec.boxes, rec.img_w, rec.img_h, self.box_dim)
-            mask[i, :m] = True
-            obj_ids[i, :m], obj_confs[i, :m] = rec.obj_ids, rec.obj_confs
-            attr_ids[i, :m], attr_confs[i, :m] = rec.attr_ids, rec.attr_confs
+        """Padded region tensors for a list of (image set, image id), gathered per image set in one call."""
+        n, k = len(keys), self.max_boxes
+        arrays = {name: np.zeros((n, k, *shape), dtype) for name, (shape, dtype) in BOX_ARRAYS.items()}
+        arrays["features"] = np.zeros((n, k, self.feature_dim), np.float32)
+        num_boxes, img_w, img_h = np.zeros(n, np.int64), np.ones(n, np.int64), np.ones(n, np.int64)
+        positions_of: dict[str, list[int]] = {}
+        for position, (image_set, _) in enumerate(keys):
+            positions_of.setdefault(image_set, []).append(position)
+        for image_set, positions in positions_of.items():
+            reader = self.readers[image_set]
+            rows = np.array([reader.index(keys[p][1]) for p in positions], np.int64)
+            if len(positions) == n:
+                reader.gather(rows, arrays)
+            else:
+                part = {name: values[positions] for name, values in arrays.items()}
+                reader.gather(rows, part)
+                for name, values in part.items():
+                    arrays[name][positions] = values
+            widths, heights = reader.image_sizes
+            num_boxes[positions], img_w[positions], img_h[positions] = reader.num_boxes[rows], widths[rows], heights[rows]
+        mask = np.arange(k)[None, :] < num_boxes[:, None]  # [B, K]
+        geom = box_geometry(arrays["boxes"], img_w[:, None], img_h[:, None], self.box_dim) * mask[..., None]
         return {
-            "region_feats": torch.from_numpy(feats),  # [B, K, D]
-            "region_geom": torch.from_numpy(geom),  # [B, K, box_dim]
+            "region_feats": torch.from_numpy(arrays["features"]),  # [B, K, D]
+            "region_geom": torch.from_numpy(np.ascontiguousarray(geom, np.float32)),  # [B, K, box_dim]
             "region_mask": torch.from_numpy(mask),  # [B, K]
-            "obj_labels": torch.from_numpy(obj_ids),
-            "obj_confs": torch.from_numpy(obj_confs),
-            "attr_labels": torch.from_numpy(attr_ids),
-            "attr_confs": torch.from_numpy(attr_confs),
+            "obj_labels": torch.from_numpy(arrays["obj_ids"]),
+            "obj_confs": torch.from_numpy(arrays["obj_confs"]),
+            "attr_labels": torch.from_numpy(arrays["attr_ids"]),
+            "attr_confs": torch.from_numpy(arrays["attr_confs"]),
         }
 
 

@@ -1,4 +1,4 @@
-"""HDF5 region-feature store (writer, shard merge, lazy reader) and LXMERT TSV import/export.
+"""HDF5 region-feature store (writer, sharded store index, lazy reader) and LXMERT TSV import/export.
 
 One HDF5 file per image set holds N images with at most K boxes each, as dense arrays:
 
@@ -18,6 +18,16 @@ gzip on features would cost CPU on every read for little gain on float activatio
 no index; and the reader opens the file lazily in each process, because an h5py handle opened before
 a DataLoader fork must not be used in the worker. The whole store is never loaded into memory,
 unlike LXMERT's TSV loader, which decodes every image into RAM in every process.
+
+Sharded stores: extraction writes one such file per shard; `write_store_index` then writes a small
+HDF5 file that holds the per-image arrays and the common provenance, and whose per-box datasets are
+HDF5 virtual datasets over the shards (paths relative to the index). No feature is copied; any HDF5
+tool reads the index as one file, and `FeatureReader` reads it like a single file.
+
+Reading speed: the reader memory-maps the uncompressed datasets of every file (their byte offsets
+come from HDF5: one for a contiguous dataset, one per chunk for the one-image chunks of `features`), so
+a batch is a numpy gather from the page cache, shared by every process that reads the file, with no
+HDF5 call per image. A dataset HDF5 must decode (compressed, or not yet allocated) is read through h5py.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ WRITER_KEYS = ("feature_dim", "feature_dtype", "max_boxes", "semvlp_version", "c
 _JSON_KEYS_ATTR = "_json_keys"
 
 # Per-box arrays other than features: name -> (trailing shape of one box, dtype).
-_BOX_ARRAYS: dict[str, tuple[tuple[int, ...], type]] = {
+BOX_ARRAYS: dict[str, tuple[tuple[int, ...], type]] = {
     "boxes": ((4,), np.float32),
     "obj_ids": ((), np.int64),
     "obj_confs": ((), np.float32),
@@ -58,6 +68,10 @@ _BOX_ARRAYS: dict[str, tuple[tuple[int, ...], type]] = {
     "attr_confs": ((), np.float32),
 }
 _PER_IMAGE_INTS = ("img_h", "img_w", "num_boxes")
+# The per-box arrays a batch gathers, features last.
+ROW_ARRAYS = (*BOX_ARRAYS, "features")
+# Attribute of a store index: its shard files (relative to the index's folder) and their row counts.
+_SHARDS_ATTR = "store_shards"
 
 # LXMERT's TSV columns, in file order.
 TSV_FIELDS = (
@@ -89,11 +103,11 @@ class RegionRecord:
     attr_confs: np.ndarray  # (n,) float32
 
     def __post_init__(self) -> None:
-        for name, (_, dtype) in _BOX_ARRAYS.items():
+        for name, (_, dtype) in BOX_ARRAYS.items():
             setattr(self, name, np.asarray(getattr(self, name), dtype=dtype))
         self.features = np.asarray(self.features)
         n = self.num_boxes
-        for name, (box_shape, _) in _BOX_ARRAYS.items():
+        for name, (box_shape, _) in BOX_ARRAYS.items():
             if getattr(self, name).shape != (n, *box_shape):
                 raise ValueError(
                     f"{self.img_id}: {name} has shape {getattr(self, name).shape}, expected {(n, *box_shape)}"
@@ -219,7 +233,7 @@ class FeatureWriter:
             data["img_ids"] = h5.create_dataset("img_ids", shape=(n,), dtype=h5py.string_dtype("utf-8"))
             for name in _PER_IMAGE_INTS:
                 data[name] = h5.create_dataset(name, shape=(n,), dtype=np.int64)
-            for name, (box_shape, dtype) in _BOX_ARRAYS.items():
+            for name, (box_shape, dtype) in BOX_ARRAYS.items():
                 data[name] = h5.create_dataset(name, shape=(n, k, *box_shape), dtype=dtype)
             # maxshape=None on the image axis lets an empty shard (N = 0) keep the one-image chunks.
             data["features"] = h5.create_dataset(
@@ -266,7 +280,7 @@ class FeatureWriter:
         data["img_h"][index] = record.img_h
         data["img_w"][index] = record.img_w
         data["num_boxes"][index] = n
-        for name in _BOX_ARRAYS:
+        for name in BOX_ARRAYS:
             data[name][index] = _pad(getattr(record, name), self.max_boxes)
         data["features"][index] = _pad(features, self.max_boxes)
         self._written[index] = True
@@ -332,13 +346,38 @@ class FeatureReader:
             raise InputError("image ids are not unique", self.path)
         if expect:
             self._check_expected(expect)
-        self._h5: h5py.File | None = None
+        self.shards = self._check_shards()
+        self._sources: list[_SourceFile] = []  # opened in each process on first use
         self._pid: int | None = None
-        self._datasets: dict[str, h5py.Dataset] = {}
+
+    def _check_shards(self) -> list[tuple[Path, int]]:
+        """A store index's shard files with their row counts ([] for a single file), each checked to
+        exist with the rows and shapes the index expects: a missing shard would read as zeros."""
+        listed = self.provenance.get(_SHARDS_ATTR)
+        if listed is None:
+            return []
+        shards, total = [], 0
+        for entry in listed:
+            path, rows = self.path.parent / entry["file"], entry["rows"]
+            if not path.is_file():
+                raise InputError(f"shard {entry['file']} of this store is missing ({path})", self.path)
+            with h5py.File(path, "r") as h5:
+                shape = h5["features"].shape if "features" in h5 else None
+            if shape != (rows, self.max_boxes, self.feature_dim):
+                raise InputError(
+                    f"shard {path} has features of shape {shape}, the store expects {(rows, self.max_boxes, self.feature_dim)} "
+                    "(a shard was rewritten after the store was indexed: rerun the index)",
+                    self.path,
+                )
+            shards.append((path, rows))
+            total += rows
+        if total != len(self):
+            raise InputError(f"shards hold {total} rows, the store {len(self)}", self.path)
+        return shards
 
     def _check_layout(self, h5: h5py.File) -> tuple[int, int, int]:
         """Check every dataset is present with consistent shapes; return (N, K, D)."""
-        expected_names = ["img_ids", *_PER_IMAGE_INTS, *_BOX_ARRAYS, "features"]
+        expected_names = ["img_ids", *_PER_IMAGE_INTS, *BOX_ARRAYS, "features"]
         missing = [name for name in expected_names if name not in h5]
         if missing:
             raise InputError(f"not a region-feature file: missing datasets {missing}", self.path)
@@ -347,7 +386,7 @@ class FeatureReader:
             raise InputError(f"features have shape {features.shape}, expected (N, K, D)", self.path)
         n, k, d = features.shape
         expected_shapes = {"img_ids": (n,), **{name: (n,) for name in _PER_IMAGE_INTS}}
-        expected_shapes.update({name: (n, k, *box_shape) for name, (box_shape, _) in _BOX_ARRAYS.items()})
+        expected_shapes.update({name: (n, k, *box_shape) for name, (box_shape, _) in BOX_ARRAYS.items()})
         for name, expected_shape in expected_shapes.items():
             if h5[name].shape != expected_shape:
                 raise InputError(f"dataset {name} has shape {h5[name].shape}, expected {expected_shape}", self.path)
@@ -391,8 +430,7 @@ class FeatureReader:
         int64, obj_confs/attr_confs (K,) float32, num_boxes/img_h/img_w () int64.
         """
         row = self.index(img_id)
-        data = self._open()
-        padded = {name: data[name][row] for name in (*_BOX_ARRAYS, "features")}
+        padded = {name: values[0] for name, values in self.read_rows([row]).items()}
         padded["num_boxes"] = np.asarray(self._num_boxes[row])
         padded["img_h"] = np.asarray(self._img_h[row])
         padded["img_w"] = np.asarray(self._img_w[row])
@@ -400,35 +438,83 @@ class FeatureReader:
 
     def _record_at(self, row: int) -> RegionRecord:
         n = int(self._num_boxes[row])
-        data = self._open()
         return RegionRecord(
             img_id=self.ids[row],
             img_h=int(self._img_h[row]),
             img_w=int(self._img_w[row]),
-            **{name: data[name][row, :n] for name in (*_BOX_ARRAYS, "features")},
+            **{name: values[0, :n] for name, values in self.read_rows([row]).items()},
         )
 
-    def _open(self) -> dict[str, h5py.Dataset]:
+    def read_rows(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """The per-box arrays (`ROW_ARRAYS`) of `rows`, each (len(rows), max_boxes, ...)."""
+        out = {name: np.zeros((len(rows), self.max_boxes, *box_shape), dtype) for name, (box_shape, dtype) in BOX_ARRAYS.items()}
+        out["features"] = np.zeros((len(rows), self.max_boxes, self.feature_dim), self.feature_dtype)
+        self.gather(np.asarray(rows), out)
+        return out
+
+    @property
+    def num_boxes(self) -> np.ndarray:
+        """(N,) boxes kept per image."""
+        return self._num_boxes
+
+    @property
+    def image_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(img_w, img_h), each (N,) pixels."""
+        return self._img_w, self._img_h
+
+    def gather(self, rows: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """Copy the per-box arrays (`ROW_ARRAYS`) of `rows` into `out[name][i, :max_boxes]`, row i of
+        `out` from `rows[i]`; `out` may have more box slots than this file (they are left alone)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and not 0 <= rows.min() <= rows.max() < len(self):
+            raise IndexError(f"{self.path}: rows outside 0..{len(self) - 1}")
+        for source in self._open():
+            inside = (rows >= source.start) & (rows < source.stop)
+            if not inside.any():
+                continue
+            everything = bool(inside.all())
+            local = rows[inside] - source.start
+            for name in ROW_ARRAYS:
+                target = out[name]
+                mapped = source.mapped[name]
+                if everything and target.shape[1] == self.max_boxes and mapped is not None and mapped.dtype == target.dtype:
+                    mapped.take(local, out=target)  # straight into the batch: one copy
+                    continue
+                values = source.read(name, local)
+                if everything:
+                    target[:, : self.max_boxes] = values
+                else:
+                    target[np.flatnonzero(inside), : self.max_boxes] = values
+
+    def _open(self) -> list[_SourceFile]:
+        """This process's open files (the file itself, or a store's shards), opened on first use and
+        again in a forked process."""
         pid = os.getpid()
-        if self._h5 is not None and self._pid != pid:
-            # Inherited through fork: it shares the parent's open file description, and while it stays
-            # open HDF5 would hand that same file back to a new open. Close it, then open our own.
-            self._h5.close()
-            self._h5, self._datasets = None, {}
-        if self._h5 is None:
-            h5 = h5py.File(self.path, "r")
-            if h5["features"].shape != (len(self), self.max_boxes, self.feature_dim):
-                h5.close()
-                raise InputError("the file changed since the reader was created", self.path)
-            self._h5, self._pid = h5, pid
-            self._datasets = {name: h5[name] for name in (*_BOX_ARRAYS, "features")}
-        return self._datasets
+        if self._pid != pid:
+            # Inherited through fork: a handle shares the parent's open file description, and while it
+            # stays open HDF5 would hand that same file back to a new open. Close it, then open our own.
+            for source in self._sources:
+                source.h5.close()
+            self._sources = []
+        if not self._sources:
+            files = self.shards or [(self.path, len(self))]
+            start = 0
+            for path, rows in files:
+                source = _SourceFile(path, start)
+                self._sources.append(source)
+                if source.stop - start != rows or source.h5["features"].shape[1:] != (self.max_boxes, self.feature_dim):
+                    self.close()
+                    raise InputError("the file changed since the reader was created", path)
+                start += rows
+            self._pid = pid
+        return self._sources
 
     def close(self) -> None:
-        """Close the data handle (if this process opened one); the next access reopens it."""
-        if self._h5 is not None and self._pid == os.getpid():
-            self._h5.close()
-        self._h5, self._pid, self._datasets = None, None, {}
+        """Close the data handles (if this process opened them); the next access reopens them."""
+        if self._pid == os.getpid():
+            for source in self._sources:
+                source.h5.close()
+        self._sources, self._pid = [], None
 
     def __enter__(self) -> FeatureReader:
         return self
@@ -438,26 +524,102 @@ class FeatureReader:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_h5=None, _pid=None, _datasets={})
+        state.update(_sources=[], _pid=None)  # handles and memory maps stay with their process
         return state
 
 
+class _MappedRows:
+    """One dataset's rows as numpy views of the file's bytes (read-only memory maps).
+
+    Either one array over the whole dataset (a contiguous dataset, or chunks that lie in row order
+    back to back) or, for chunks in write order, the file's bytes and the offset of each row's chunk.
+    """
+
+    def __init__(self, whole: np.ndarray | None, file_bytes: np.ndarray | None = None, offsets: np.ndarray | None = None, row_shape=(), dtype=None):
+        self.whole, self.file_bytes, self.offsets, self.row_shape = whole, file_bytes, offsets, row_shape
+        self.dtype = whole.dtype if whole is not None else dtype
+
+    @classmethod
+    def of(cls, file_bytes: np.ndarray, dataset: h5py.Dataset) -> _MappedRows | None:
+        """The dataset as views of `file_bytes` (its file mapped as uint8), or None where HDF5 must
+        decode it (filters, unallocated storage)."""
+        if dataset.compression or dataset.shuffle or dataset.fletcher32 or dataset.scaleoffset or dataset.dtype.kind not in "fiu":
+            return None
+        n, row_shape, dtype = dataset.shape[0], dataset.shape[1:], dataset.dtype
+        row_bytes = dtype.itemsize * int(np.prod(row_shape))
+
+        def whole_from(offset: int) -> _MappedRows:
+            return cls(file_bytes[offset : offset + n * row_bytes].view(dtype).reshape(dataset.shape))
+
+        if n == 0:
+            return cls(np.zeros(dataset.shape, dtype))
+        if dataset.chunks is None:
+            offset = dataset.id.get_offset()
+            return None if offset is None else whole_from(offset)
+        if dataset.chunks != (1, *row_shape):
+            return None
+        offsets = np.full(n, -1, np.int64)
+
+        def record(info) -> None:
+            offsets[info.chunk_offset[0]] = info.byte_offset
+
+        dataset.id.chunk_iter(record)
+        if (offsets < 0).any():  # rows never written read as fill values, which only HDF5 knows
+            return None
+        if (np.diff(offsets) == row_bytes).all():
+            return whole_from(int(offsets[0]))
+        return cls(None, file_bytes, offsets, row_shape, dtype)
+
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if self.whole is not None:
+            # mode="clip": rows are checked by the caller, and "raise" would buffer the copy
+            return np.take(self.whole, rows, axis=0, out=out, mode="clip")
+        if out is None:
+            out = np.empty((len(rows), *self.row_shape), self.dtype)
+        size = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        for i, row in enumerate(rows.tolist()):
+            start = int(self.offsets[row])
+            out[i] = self.file_bytes[start : start + size].view(self.dtype).reshape(self.row_shape)
+        return out
+
+
+class _SourceFile:
+    """One open feature file (a single file, or one shard of a store) covering rows start..stop-1."""
+
+    def __init__(self, path: Path, start: int):
+        self.h5 = h5py.File(path, "r")
+        self.start = start
+        self.stop = start + self.h5["features"].shape[0]
+        file_bytes = np.memmap(path, np.uint8, "r")  # one mapping per file, shared by its datasets' views
+        self.mapped = {name: _MappedRows.of(file_bytes, self.h5[name]) for name in ROW_ARRAYS}
+
+    def read(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows (local to this file, any order, repeats allowed) of one per-box array."""
+        if self.mapped[name] is not None:
+            return self.mapped[name].take(rows)
+        unique, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing, unique rows
+        return self.h5[name][unique][inverse]
+
+
 # --------------------------------------------------------------------------------------------------
-# Shard merge
+# Sharded store
 
 _ABSENT = "<absent>"
 
 
-def merge_shards(
+def write_store_index(
     shard_paths: Sequence[str | Path], out_path: str | Path, *, shard_keys: Sequence[str] = ("shard",)
 ) -> None:
-    """Concatenate shard files, in the given order, into one feature file.
+    """Index shard files, in the given order, as one store at `out_path`, copying no feature.
 
-    Every provenance value must agree across shards, except `shard_keys` and the creation time. The
-    merged file keeps the common provenance and adds "merged_shards" (the shard count).
+    Every provenance value must agree across shards, except `shard_keys` and the creation time, and
+    every image id must be unique. The index keeps the common provenance, lists the shards (relative
+    to its folder, so the folder may move as a whole) and holds the per-image arrays; its per-box
+    datasets are virtual datasets over the shards.
     """
     if not shard_paths:
-        raise ValueError("merge_shards needs at least one shard")
+        raise ValueError("a store needs at least one shard")
+    out_path = Path(out_path)
     readers = [FeatureReader(path) for path in shard_paths]
     ignored = {*shard_keys, "created_utc"}
     reference = {key: value for key, value in readers[0].provenance.items() if key not in ignored}
@@ -471,29 +633,34 @@ def merge_shards(
                 )
     shard_of_id: dict[str, Path] = {}
     for reader in readers:
+        if reader.shards:
+            raise InputError("is itself a store index; index the shard files", reader.path)
         for img_id in reader.ids:
             if img_id in shard_of_id:
                 raise InputError(f"image id {img_id!r} is also in shard {shard_of_id[img_id]}", reader.path)
             shard_of_id[img_id] = reader.path
 
-    provenance = {key: value for key, value in reference.items() if key not in WRITER_KEYS}
-    provenance["merged_shards"] = len(readers)
     first = readers[0]
-    writer = FeatureWriter(
-        out_path,
-        num_images=len(shard_of_id),
-        max_boxes=first.max_boxes,
-        feature_dim=first.feature_dim,
-        feature_dtype=first.feature_dtype,
-        provenance=provenance,
-    )
-    with writer:
-        out_row = 0
-        for reader in readers:
-            with reader:
-                for row in range(len(reader)):
-                    writer.write(out_row, reader._record_at(row))
-                    out_row += 1
+    n, k, d = len(shard_of_id), first.max_boxes, first.feature_dim
+    shards = [{"file": os.path.relpath(reader.path.resolve(), out_path.parent.resolve()), "rows": len(reader)} for reader in readers]
+    attrs = _encode_attrs({**reference, _SHARDS_ATTR: shards})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w", track_order=True) as h5:
+        h5.attrs.update(attrs)
+        h5.attrs["created_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        h5.create_dataset("img_ids", data=[img_id for reader in readers for img_id in reader.ids], dtype=h5py.string_dtype("utf-8"))
+        for name, values in (("img_h", "_img_h"), ("img_w", "_img_w"), ("num_boxes", "_num_boxes")):
+            h5.create_dataset(name, data=np.concatenate([getattr(reader, values) for reader in readers]).astype(np.int64))
+        shapes = {name: ((k, *box_shape), dtype) for name, (box_shape, dtype) in BOX_ARRAYS.items()}
+        shapes["features"] = ((k, d), np.dtype(first.feature_dtype))
+        for name, (row_shape, dtype) in shapes.items():
+            layout = h5py.VirtualLayout(shape=(n, *row_shape), dtype=dtype)
+            start = 0
+            for reader, shard in zip(readers, shards):
+                if len(reader):
+                    layout[start : start + len(reader)] = h5py.VirtualSource(shard["file"], name, shape=(len(reader), *row_shape))
+                start += len(reader)
+            h5.create_virtual_dataset(name, layout, fillvalue=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,7 +716,7 @@ def _check_sizes(
 ) -> int | None:
     """Check the byte size of every array field against num_boxes; return this row's feature dimension."""
     for field, (name, dtype) in _TSV_ARRAYS.items():
-        box_shape = _BOX_ARRAYS[name][0]
+        box_shape = BOX_ARRAYS[name][0]
         expected = num_boxes * int(np.prod(box_shape)) * np.dtype(dtype).itemsize
         if sizes[field] != expected:
             raise InputError(
@@ -615,7 +782,7 @@ def _read_tsv(path: Path, feature_dim: int) -> Iterator[RegionRecord]:
         raw = {field: _decode_base64(row[field], field, path, line) for field in (*_TSV_ARRAYS, "features")}
         _check_sizes({field: len(data) for field, data in raw.items()}, num_boxes, feature_dim, path, line)
         arrays = {
-            name: np.frombuffer(raw[field], dtype=dtype).reshape(num_boxes, *_BOX_ARRAYS[name][0])
+            name: np.frombuffer(raw[field], dtype=dtype).reshape(num_boxes, *BOX_ARRAYS[name][0])
             for field, (name, dtype) in _TSV_ARRAYS.items()
         }
         features = np.frombuffer(raw["features"], dtype="<f4").reshape(num_boxes, feature_dim)

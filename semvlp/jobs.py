@@ -30,7 +30,7 @@ STAGES = {
     "train_tokenizer": "data",
     "train_detector": "regions",
     "extract_regions": "regions",
-    "merge_regions": "regions",
+    "index_regions": "regions",
     "import_tsv_features": "regions",
     "init_model": "pretrain",
     "pretrain_phase": "pretrain",
@@ -170,12 +170,12 @@ def _extract_regions(smk, job):
     job.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
 
 
-@handler("merge_regions")
-def _merge_regions(smk, job):
-    from semvlp.features import merge_shards
+@handler("index_regions")
+def _index_regions(smk, job):
+    from semvlp.features import write_store_index
 
     # shards differ only in their index and how many undecodable images they skipped
-    merge_shards(list(smk.input), smk.output[0], shard_keys=("shard", "num_skipped_images"))
+    write_store_index(list(smk.input), smk.output[0], shard_keys=("shard", "num_skipped_images"))
 
 
 @handler("import_tsv_features")

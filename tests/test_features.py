@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import pickle
+import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,7 @@ from semvlp.features import (
     RegionRecord,
     export_tsv,
     import_tsv,
-    merge_shards,
+    write_store_index,
 )
 
 MAX_BOXES = 6
@@ -212,44 +213,91 @@ def test_writer_refuses_provenance_contradicting_its_settings(tmp_path):
     FeatureWriter(tmp_path / "x.h5", num_images=1, max_boxes=6, feature_dim=4, provenance={"max_boxes": 6})
 
 
-def test_merge_concatenates_shards_in_order(tmp_path, records):
-    shard_paths = [tmp_path / f"shard{i}.h5" for i in range(3)]
-    parts = [records[:2], [], records[2:]]  # an empty shard (more shards than images) is valid
+def test_store_index_reads_shards_as_one_store_without_copying_features(tmp_path, records):
+    shard_paths = [tmp_path / "coco" / f"shard{i}.h5" for i in range(8)]
+    shard_paths[0].parent.mkdir()
+    # an empty shard (more shards than images) is valid
+    parts = [records[i : i + 1] for i in range(len(records))] + [[]] * (8 - len(records))
     for shard, (path, part) in enumerate(zip(shard_paths, parts)):
         write_store(path, part, shard=shard)
     out = tmp_path / "coco.h5"
 
-    merge_shards(shard_paths, out)
+    write_store_index(shard_paths, out)
 
-    merged = FeatureReader(out)
-    assert merged.ids == [r.img_id for r in records]
+    store = FeatureReader(out)
+    assert store.ids == [r.img_id for r in records]
+    assert len(store.shards) == 8
     for record in records:
-        assert_same_record(merged.get(record.img_id), record, "float16")
-    assert "shard" not in merged.provenance
-    assert merged.provenance["merged_shards"] == 3
-    assert merged.provenance["selection"] == PROVENANCE["selection"]
+        assert_same_record(store.get(record.img_id), record, "float16")
+    assert "shard" not in store.provenance
+    assert store.provenance["selection"] == PROVENANCE["selection"]
+    # no feature is copied: the index holds the per-image arrays and pointers into the shards
+    assert out.stat().st_size < sum(p.stat().st_size for p in shard_paths) / 2
+    with h5py.File(out, "r") as h5:
+        assert h5["features"].is_virtual
+        np.testing.assert_array_equal(h5["features"][len(records) - 1], store.read_rows([len(records) - 1])["features"][0])
+    # a batch across shards, in any order, with repeats
+    rows = [3, 0, 3, 1]
+    batch = store.read_rows(rows)
+    for i, row in enumerate(rows):
+        n = records[row].num_boxes
+        np.testing.assert_array_equal(batch["features"][i, :n], records[row].features.astype(np.float16))
+        assert not batch["features"][i, n:].any()
+    # the folder moves as a whole: shard paths are relative to the index
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("moved"))
+    assert FeatureReader(moved / "coco.h5").get(records[1].img_id).img_id == records[1].img_id
 
 
-def test_merge_refuses_shards_with_different_provenance(tmp_path, records):
+def test_store_with_a_missing_or_rewritten_shard_is_refused(tmp_path, records):
+    paths = [tmp_path / "shard0.h5", tmp_path / "shard1.h5"]
+    write_store(paths[0], records[:2], shard=0)
+    write_store(paths[1], records[2:], shard=1)
+    write_store_index(paths, tmp_path / "coco.h5")
+    write_store(paths[1], records[2:3], shard=1)
+    with pytest.raises(InputError, match=r"shard .*shard1.h5 has features of shape .*rerun the index"):
+        FeatureReader(tmp_path / "coco.h5")
+    paths[1].unlink()
+    with pytest.raises(InputError, match=r"coco.h5: shard shard1.h5 of this store is missing"):
+        FeatureReader(tmp_path / "coco.h5")
+
+
+def test_store_index_refuses_shards_with_different_provenance(tmp_path, records):
     write_store(tmp_path / "shard0.h5", records[:2], shard=0)
     write_store(tmp_path / "shard1.h5", records[2:], shard=1, detector_weights_sha256="cd" * 32)
     with pytest.raises(InputError) as err:
-        merge_shards([tmp_path / "shard0.h5", tmp_path / "shard1.h5"], tmp_path / "coco.h5")
+        write_store_index([tmp_path / "shard0.h5", tmp_path / "shard1.h5"], tmp_path / "coco.h5")
     message = str(err.value)
     assert "shard1.h5" in message and "'detector_weights_sha256'" in message and "cd" * 32 in message
     assert not (tmp_path / "coco.h5").exists()
 
     write_store(tmp_path / "shard2.h5", records[2:], shard=2, feature_dtype="float32")
     with pytest.raises(InputError, match="shard2.h5: provenance 'feature_dtype'"):
-        merge_shards([tmp_path / "shard0.h5", tmp_path / "shard2.h5"], tmp_path / "coco.h5")
+        write_store_index([tmp_path / "shard0.h5", tmp_path / "shard2.h5"], tmp_path / "coco.h5")
 
 
-def test_merge_refuses_duplicate_image_ids(tmp_path, records):
+def test_store_index_refuses_duplicate_image_ids(tmp_path, records):
     write_store(tmp_path / "shard0.h5", records[:3], shard=0)
     write_store(tmp_path / "shard1.h5", records[2:], shard=1)
     with pytest.raises(InputError, match=rf"shard1.h5: image id '{records[2].img_id}' is also in shard .*shard0.h5"):
-        merge_shards([tmp_path / "shard0.h5", tmp_path / "shard1.h5"], tmp_path / "coco.h5")
+        write_store_index([tmp_path / "shard0.h5", tmp_path / "shard1.h5"], tmp_path / "coco.h5")
     assert not (tmp_path / "coco.h5").exists()
+
+
+@pytest.mark.parametrize("order", ["in_order", "reversed"])
+def test_mapped_reads_equal_hdf5_reads(tmp_path, records, order):
+    """Rows written in reverse put the one-image chunks out of row order: the reader maps each chunk."""
+    path = tmp_path / "coco.h5"
+    rows = list(enumerate(records))
+    with FeatureWriter(path, num_images=len(records), max_boxes=MAX_BOXES, feature_dim=FEATURE_DIM, provenance=PROVENANCE) as writer:
+        for index, record in rows if order == "in_order" else reversed(rows):
+            writer.write(index, record)
+    reader = FeatureReader(path)
+    wanted = [2, 0, 2, 1]
+    batch = reader.read_rows(wanted)
+    with h5py.File(path, "r") as h5:
+        for name, values in batch.items():
+            np.testing.assert_array_equal(values, h5[name][()][wanted])
 
 
 def test_reader_looks_up_ids_and_names_unknown_ones(tmp_path, records):
@@ -328,10 +376,13 @@ def test_reader_works_in_forked_dataloader_workers(tmp_path, records):
     write_store(path, records)
     reader = FeatureReader(path)
     reader.get(records[0].img_id)  # the parent's handle is open when the workers fork
-    # Mark the parent's open file description: HDF5 reads with pread, so the offset is otherwise
-    # untouched (0), and a worker still using the inherited description would see the mark.
-    [parent_fd] = descriptors_of(path)
-    os.lseek(parent_fd, 987654, os.SEEK_SET)
+    # Mark the parent's open file descriptions (HDF5's, and the memory map's own): reads use pread or
+    # the mapping, so the offset is otherwise untouched (0), and a worker still using an inherited
+    # description would see the mark.
+    parent_fds = descriptors_of(path)
+    assert parent_fds
+    for fd in parent_fds:
+        os.lseek(fd, 987654, os.SEEK_SET)
 
     loader = torch.utils.data.DataLoader(
         PaddedRegions(reader), batch_size=2, num_workers=2, multiprocessing_context="fork"
@@ -346,10 +397,12 @@ def test_reader_works_in_forked_dataloader_workers(tmp_path, records):
         np.testing.assert_array_equal(features[row, : record.num_boxes].numpy(), record.features.astype(np.float16))
     worker_pids = set(torch.cat([batch["worker_pid"] for batch in batches]).tolist())
     assert os.getpid() not in worker_pids and len(worker_pids) == 2
-    # Each worker read through one descriptor of its own: the inherited one was closed, not shared.
-    worker_offsets = torch.cat([batch["file_offsets"] for batch in batches])  # (N, 1)
-    assert worker_offsets.shape == (len(records), 1) and not worker_offsets.any()
-    assert file_offset(parent_fd) == 987654
+    # Each worker read through descriptors of its own (HDF5's at 0, the mapping's where numpy left it, at
+    # the end): the inherited ones, with the mark, were closed, not shared.
+    worker_offsets = torch.cat([batch["file_offsets"] for batch in batches])  # (N, descriptors)
+    assert worker_offsets.shape == (len(records), len(parent_fds))
+    assert set(worker_offsets.flatten().tolist()) <= {0, path.stat().st_size}
+    assert all(file_offset(fd) == 987654 for fd in parent_fds)
     assert_same_record(reader.get(records[4].img_id), records[4], "float16")  # the parent's handle still works
     reader.close()
 

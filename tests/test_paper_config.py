@@ -44,7 +44,7 @@ def test_paper_config_plans_the_full_dag_with_placeholder_files(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counts = job_counts(result.stdout)
     assert counts["extract_regions"] == 4 * 32
-    assert counts["merge_regions"] == 4
+    assert counts["index_regions"] == 4
     assert counts["pretrain_phase"] == 3 * 4  # semvlp, single_only, two_only: 4 phases each; none: 0
     assert counts["init_model"] == 4
     assert counts["finetune"] == 4 * 4 * 3  # variants x tasks x seeds

@@ -435,8 +435,6 @@ def test_extract_image_set_writes_a_feature_file_with_provenance(trained, scenes
 
 
 def test_shards_cover_every_image_exactly_once(trained, scenes, tmp_path):
-    from semvlp.features import merge_shards
-
     checkpoint, _ = trained
     cfg = {"backend": "torchvision", "weights": str(checkpoint), "selection": SCENE_SELECTION}
     paths = _image_folder(scenes, tmp_path / "images", 7)

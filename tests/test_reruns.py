@@ -107,7 +107,7 @@ def phases(variant: str, first: int = 1) -> set[Job]:
 
 REPORT = {job("report")}
 EXTRACTION = {job("extract_regions", image_set=s, shard=k) for s in IMAGE_SETS for k in range(SHARDS)}
-MERGES = {job("merge_regions", image_set=s) for s in IMAGE_SETS}
+MERGES = {job("index_regions", image_set=s) for s in IMAGE_SETS}
 INITS = {job("init_model", variant=v) for v in VARIANTS}
 ALL_PHASES = set().union(*(phases(v) for v in VARIANTS))
 DATA = {job("generate_world"), job("build_corpus"), job("train_tokenizer")}

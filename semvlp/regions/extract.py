@@ -4,7 +4,7 @@
     record = extractor.extract(Image.open(path), img_id=path.stem)      # -> RegionRecord
     stats = extract_image_set(list_images(images_dir), "results/features/coco.h5", cfg)
 
-`extract_image_set` writes one `semvlp.features` HDF5 file per shard; `semvlp.features.merge_shards`
+`extract_image_set` writes one `semvlp.features` HDF5 file per shard; `semvlp.features.write_store_index`
 joins them.
 """
 

@@ -1,4 +1,5 @@
-# Region features: detector training (embedded default), sharded extraction, merge, or TSV import.
+# Region features: detector training (embedded default), sharded extraction and the store index over the
+# shards (no feature copied), or TSV import.
 
 REGIONS = config["regions"]
 BACKEND = REGIONS["backend"]
@@ -79,7 +80,8 @@ else:
         script:
             RUN_JOB
 
-    rule merge_regions:
+    # the image set's store: a small index file whose per-box datasets point into the shards
+    rule index_regions:
         input:
             expand("results/features/{{image_set}}/shard{shard}.h5", shard=range(REGIONS["shards"])),
         output:
@@ -87,12 +89,12 @@ else:
         params:
             code=CODE["regions"],
         log:
-            "results/logs/merge_regions/{image_set}.log",
+            "results/logs/index_regions/{image_set}.log",
         benchmark:
-            "results/benchmarks/merge_regions/{image_set}.tsv"
+            "results/benchmarks/index_regions/{image_set}.tsv"
         priority: FEATURES_PRIORITY
         resources:
-            **rule_resources("merge_regions", mem_mb=2000, runtime=60),
+            **rule_resources("index_regions", mem_mb=2000, runtime=60),
         conda:
             ENV
         script:
