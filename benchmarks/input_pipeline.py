@@ -68,13 +68,13 @@ def prepare(folder: Path, num_images: int) -> Path:
     return index
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/semvlp-bench"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     index = prepare(args.cache_dir, args.images)
 
@@ -109,7 +109,7 @@ def main() -> None:
     print(f"  real batch path, in process : {samples_per_s:10,.0f} samples/s")
     print(f"  in-memory float16 gather    : {ceiling:10,.0f} samples/s (ceiling)")
     print(f"  one H200 at 40 % MFU needs  : {H200_NEED:10,.0f} samples/s")
-    print(f"  cpu: {os.cpu_count()} cores; reproduce: python {shlex.join(sys.argv)}")
+    print(f"  cpu: {os.cpu_count()} cores; reproduce: python benchmarks/input_pipeline.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
     print(json.dumps({"samples_per_s": round(samples_per_s), "workers": 0, "ceiling_samples_per_s": round(ceiling),
                       "h200_need_samples_per_s": round(H200_NEED), "images": args.images, "batch_size": args.batch_size}))
 

@@ -1,7 +1,9 @@
-"""The training-throughput benchmark runs end to end and its work accounting says what the docstring claims."""
+"""The benchmarks run end to end: training throughput (its work accounting says what the docstring claims)
+and the input pipeline."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import input_pipeline  # noqa: E402
 import train_throughput  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -55,3 +58,12 @@ def test_heads_everywhere_costs_more_flops():
     # the forward vocabulary projection alone at all 20 tokens instead of the few (about 3) masked ones
     at_least_ten_more_tokens = 2 * 10 * 2 * 256 * train_throughput.VOCAB_SIZE  # examples, tokens, FLOPs per MAC, H, V
     assert flops[True] > flops[False] + at_least_ten_more_tokens
+
+
+def test_input_pipeline_benchmark_reads_a_sharded_store(tmp_path, capsys):
+    input_pipeline.main(["--images", "16", "--batch-size", "8", "--steps", "2", "--cache-dir", str(tmp_path)])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["workers"] == 0 and figures["batch_size"] == 8
+    assert figures["samples_per_s"] > 0 and figures["ceiling_samples_per_s"] > 0
+    assert figures["h200_need_samples_per_s"] == round(0.4 * 989e12 / (1075.8e9 / 32))
+    assert len(list((tmp_path / "store16").glob("shard*.h5"))) == 8
