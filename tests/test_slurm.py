@@ -1,7 +1,9 @@
 """The SLURM profile on a real SLURM cluster: Debian's munge, slurmctld and slurmd as a one-node cluster on
 this machine. The tiny workflow runs once locally (`--cores 2`) and once through workflow/profiles/slurm;
 the test checks that every job went through `sbatch` with the resources its rule declares, that the
-results table and the MLflow runs are complete, and prints both wall times.
+results table and the MLflow runs are complete, and prints both wall times. The node also has 8 fake
+GPUs (device files that are /dev/null), so that a job asking for `gpu: 8` like the paper's pre-training
+can be submitted: the second test checks that such a job is one task, launched once, that holds all 8.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import pwd
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
-from conftest import REPO, TINY, run_snakemake
+from conftest import BIN, REPO, TINY, run_snakemake
 
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
 TASKS = {"vqa", "gqa", "nlvr2", "retrieval"}
@@ -32,6 +36,11 @@ SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sin
 DEFAULT_SLURM_CONF = Path("/etc/slurm/slurm.conf")
 # The largest mem_mb a tiny-config rule declares: the node must offer at least that much.
 LARGEST_JOB_MEM_MB = 8000
+# The node's fake GPUs (gres.conf files: character devices that are /dev/null), as many as
+# config/paper.yaml's pre-training asks for.
+NODE_GPUS = 8
+# The rules that run on GPUs in config/paper.yaml (resources: gpu >= 1).
+GPU_RULES = {"pretrain_phase", "finetune", "extract_regions"}
 # Options for this test cluster only, on top of the profile: it has no accounting database, so job
 # states come from squeue (MinJobAge keeps finished jobs listed), and its jobs are seconds long, so
 # the first status check comes early.
@@ -50,6 +59,7 @@ class SlurmCluster:
     conf: Path
     node: str
     env: dict[str, str]
+    gpus: int = 0  # fake GPUs the node has (0 where device files could not be made)
     daemons: list[subprocess.Popen] = field(default_factory=list)
 
     def command(self, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
@@ -113,8 +123,25 @@ def node_memory_mb() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.9) // 2**20
 
 
-def slurm_conf(root: Path, node: str, memory_mb: int, munge_socket: Path) -> str:
-    """A one-node cluster: 2 CPUs as the consumable, no accounting, all state under `root`."""
+def fake_gpu_files(root: Path, count: int) -> str | None:
+    """`count` character devices that are /dev/null, as gres.conf's File= range; None where mknod is not allowed.
+
+    slurmd counts a node's GPUs from the files gres.conf names, and wants devices: without any, it reports
+    none, and slurmctld drains a node whose slurm.conf promises some."""
+    folder = root / "gpus"
+    folder.mkdir()
+    null = os.stat("/dev/null").st_rdev
+    try:
+        for index in range(count):
+            os.mknod(folder / f"gpu{index}", 0o600 | stat.S_IFCHR, null)
+    except OSError:  # no CAP_MKNOD (some containers)
+        return None
+    return f"{folder}/gpu[0-{count - 1}]"
+
+
+def slurm_conf(root: Path, node: str, memory_mb: int, munge_socket: Path, gpus: int = 0) -> str:
+    """A one-node cluster: 2 CPUs as the consumable, `gpus` GPUs, no accounting, all state under `root`."""
+    gres_types, node_gres = ("GresTypes=gpu\n", f" Gres=gpu:{gpus}") if gpus else ("", "")
     return f"""\
 ClusterName=semvlptest
 SlurmctldHost={node}(127.0.0.1)
@@ -143,7 +170,7 @@ MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
 MinJobAge=3600
-NodeName={node} NodeAddr=127.0.0.1 CPUs=2 RealMemory={memory_mb} State=UNKNOWN
+{gres_types}NodeName={node} NodeAddr=127.0.0.1 CPUs=2 RealMemory={memory_mb}{node_gres} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -210,8 +237,12 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     munge_socket = root / "munge" / "munge.socket"
     node = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, node, memory_mb, munge_socket))
-    cluster = SlurmCluster(root=root, conf=conf, node=node, env={"SLURM_CONF": str(conf)})
+    gpus = 0
+    if gpu_files := fake_gpu_files(root, NODE_GPUS):
+        (root / "gres.conf").write_text(f"NodeName={node} Name=gpu File={gpu_files}\n")  # beside slurm.conf
+        gpus = NODE_GPUS
+    conf.write_text(slurm_conf(root, node, memory_mb, munge_socket, gpus))
+    cluster = SlurmCluster(root=root, conf=conf, node=node, env={"SLURM_CONF": str(conf)}, gpus=gpus)
     DEFAULT_SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
     DEFAULT_SLURM_CONF.symlink_to(conf)
     try:
@@ -240,13 +271,19 @@ class SubmittedJob:
     slurm_log: Path
 
 
-def submitted_jobs(output: str) -> dict[str, SubmittedJob]:
-    """{Snakemake job id: job} from the main process's output: each job's block, then its submission."""
+def job_blocks(output: str) -> dict[str, tuple[str, int, dict[str, str]]]:
+    """{Snakemake job id: (rule, threads, resources)} from the blocks Snakemake prints for its jobs."""
     blocks = {}
     for match in re.finditer(r"^rule (\w+):\n((?:    .*\n)+)", output, re.MULTILINE):
         fields = dict(re.findall(r"^    (\w+): (.*)$", match.group(2), re.MULTILINE))
         resources = dict(re.findall(r"(\w+)=([^,]+)", fields.get("resources", "")))
         blocks[fields["jobid"]] = (match.group(1), int(fields.get("threads", 1)), resources)
+    return blocks
+
+
+def submitted_jobs(output: str) -> dict[str, SubmittedJob]:
+    """{Snakemake job id: job} from the main process's output: each job's block, then its submission."""
+    blocks = job_blocks(output)
     jobs = {}
     for jobid, slurm_id, log in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.", output):
         rule, threads, resources = blocks[jobid]
@@ -326,3 +363,106 @@ def test_tiny_workflow_runs_through_the_slurm_profile(slurm_cluster, tiny_run, t
             f"SLURM profile on a one-node 2-CPU cluster {slurm_seconds:.0f} s "
             f"(ratio {slurm_seconds / local_seconds:.2f})"
         )
+
+
+# The resources that decide a SLURM job's task and GPU layout, in the plugin's sbatch call and in the srun
+# that starts the job step: the stand-in rule below takes them from the real rule's job.
+LAYOUT_RESOURCES = (
+    "gpu", "gpus", "gpu_model", "gres", "tasks", "tasks_per_gpu", "tasks_per_node", "nodes", "mpi", "cpus_per_gpu",
+)  # fmt: skip
+# What each launch of the stand-in job records: the job, its step, the step's tasks and GPUs.
+LAUNCH_RECORD = """\
+{ env | grep -E '^(SLURM_(JOB_ID|STEP_ID|NTASKS|STEP_NUM_TASKS|PROCID|GPUS|GPUS_ON_NODE|STEP_GPUS|JOB_GPUS)|CUDA_VISIBLE_DEVICES)=' \\
+  | sort | tr '\\n' ' '; echo; } >> launches.txt
+"""
+
+
+def literal(value: str) -> int | str:
+    return int(value) if re.fullmatch(r"-?\d+", value) else value
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_multi_gpu_job_is_one_task_launched_once(slurm_cluster, tmp_path, capsys):
+    if slurm_cluster.gpus < NODE_GPUS:
+        pytest.skip("the test cluster has no fake GPUs: making their device files (mknod) is not allowed here")
+    # The real workflow with config/paper.yaml's per-rule resources on top of the tiny config (a dry run):
+    # every job of a GPU rule asks for tasks_per_gpu=0 (rule_resources in workflow/rules/common.smk).
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    assert paper["resources"]["pretrain_phase"]["gpu"] == NODE_GPUS
+    paper_resources = tmp_path / "paper-resources.yaml"
+    paper_resources.write_text(yaml.safe_dump({"resources": paper["resources"]}))
+    dry = run_snakemake(
+        tmp_path / "dry", "--profile", str(PROFILE), "--dry-run", "results/all.tsv",
+        "--configfile", TINY, str(paper_resources), timeout=300,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stdout[-4000:] + dry.stderr[-4000:]
+    blocks = job_blocks(dry.stdout + dry.stderr)
+    on_gpus = [(rule, resources) for rule, _, resources in blocks.values() if int(resources.get("gpu", 0))]
+    assert {rule for rule, _ in on_gpus} == GPU_RULES
+    for rule, _, resources in blocks.values():
+        expected = "0" if rule in GPU_RULES else None
+        assert resources.get("tasks_per_gpu") == expected, (rule, resources)
+    phase = next(resources for rule, _, resources in blocks.values() if rule == "pretrain_phase")
+    assert phase["gpu"] == str(NODE_GPUS), phase
+
+    # A stand-in for that pre-training job, submitted through the profile: the same layout resources, the
+    # CPUs and memory the node has, and a job that records each launch of itself instead of training.
+    resources = {key: literal(phase[key]) for key in LAYOUT_RESOURCES if key in phase}
+    resources.update(mem_mb=500, runtime=5, cpus_per_task=1)
+    workdir = tmp_path / "gpu-job"
+    workdir.mkdir()
+    (workdir / "launch.sh").write_text(LAUNCH_RECORD)
+    snakefile = workdir / "Snakefile"
+    snakefile.write_text(
+        "rule pretrain_phase:\n"
+        '    output: "phase1.done"\n'
+        "    threads: 1\n"
+        f"    resources: **{resources!r}\n"
+        '    shell: "sh launch.sh && touch {output}"\n'
+    )
+    cmd = [
+        str(BIN / "snakemake"), "--snakefile", str(snakefile), "--directory", str(workdir),
+        "--profile", str(PROFILE), *TEST_CLUSTER_OPTIONS, "--verbose", "phase1.done",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **slurm_cluster.env})
+    output = result.stdout + result.stderr
+    slurm_logs = sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))
+    context = (
+        f"\n--- snakemake (exit {result.returncode}) ---\n{output[-6000:]}\n{slurm_cluster.log_tails()}\n"
+        + "\n".join(f"--- {log} ---\n{log.read_text(errors='replace')[-3000:]}" for log in slurm_logs)
+    )
+    assert result.returncode == 0, "the GPU job failed" + context
+
+    # The sbatch call the plugin built: all the GPUs, and no task count (--ntasks-per-gpu or --ntasks), so
+    # the job is sbatch's default of one task; its batch script runs once.
+    calls = re.findall(r"sbatch call: (sbatch .*?) --wrap=", output)
+    assert len(calls) == 1, calls
+    options = calls[0].split()
+    assert f"--gpus={NODE_GPUS}" in options, options
+    assert not [option for option in options if option.startswith(("--ntasks", "-n"))], options
+    (job,) = submitted_jobs(output).values()
+    record = slurm_cluster.jobs()[job.slurm_id]
+    assert record["JobState"] == "COMPLETED", f"{record}"
+    assert record["NumTasks"] == "1", f"{record}"
+    # the GPUs the job holds (TRES would list them only with gres/gpu in AccountingStorageTRES)
+    assert re.fullmatch(rf"(gres[:/])?gpu:{NODE_GPUS}", record.get("TresPerJob", "")), f"{record}"
+
+    # The batch script's Snakemake started the job step with one srun task that holds all the GPUs...
+    slurm_log = job.slurm_log.read_text()
+    step_calls = re.findall(r"The call for this job is: (srun .*?) -m snakemake ", slurm_log)
+    assert len(step_calls) == 1, "no single job step call in the job's log" + context
+    step_options = step_calls[0].split()[:-1]  # up to the Python that runs the job's Snakemake
+    assert step_options[:2] == ["srun", "-n1"] and f"--gpus={NODE_GPUS}" in step_options, step_options
+    # ...and the rule ran once, as the one task of that step, seeing all the (fake) GPUs.
+    launches = (workdir / "launches.txt").read_text().splitlines()
+    assert len(launches) == 1, f"the job ran {len(launches)} times: {launches}" + context
+    launch = dict(item.split("=", 1) for item in launches[0].split())
+    assert launch["SLURM_JOB_ID"] == job.slurm_id, launch
+    assert launch["SLURM_STEP_NUM_TASKS"] == "1" and launch["SLURM_PROCID"] == "0", launch
+    assert launch.get("SLURM_GPUS_ON_NODE") == str(NODE_GPUS), launch
+    assert len(launch.get("CUDA_VISIBLE_DEVICES", "").split(",")) == NODE_GPUS, launch  # what torchrun sees
+
+    with capsys.disabled():
+        print(f"\ngpu: {NODE_GPUS} job, sbatch call: {calls[0]}")
+        print(f"job step: {' '.join(step_options)}; launches: {len(launches)}: {launches[0].strip()}")

@@ -100,5 +100,24 @@ def detector_weights():
 
 
 def rule_resources(rule, **defaults):
-    """A rule's resources: its defaults, overridden by the config's `resources.<rule>` (paper.yaml)."""
-    return {**defaults, **config.get("resources", {}).get(rule, {})}
+    """A rule's resources: its defaults, overridden by the config's `resources.<rule>` (paper.yaml).
+
+    A job that asks for GPUs (`gpu` > 0 or a `gpu` gres) also gets `tasks_per_gpu: 0`: one SLURM task, one
+    launcher that sees all the job's GPUs (semvlp/jobs.py starts torchrun itself, one process per GPU).
+    With a `tasks_per_gpu` >= 1, or with none and a `tasks` >= 1 (which the SLURM plugin reads as tasks per
+    GPU), the plugin would submit `--ntasks-per-gpu=N`: N tasks per GPU, each with its own cpus_per_task.
+    """
+    resources = {**defaults, **config.get("resources", {}).get(rule, {})}
+    if is_gpu_job(resources):
+        if resources.get("tasks_per_gpu", 0) != 0:
+            raise ValueError(
+                f"resources.{rule}: tasks_per_gpu={resources['tasks_per_gpu']!r}, but a GPU job of this "
+                "workflow is one task that starts its own processes per GPU: leave tasks_per_gpu out"
+            )
+        resources["tasks_per_gpu"] = 0
+    return resources
+
+
+def is_gpu_job(resources):
+    """Whether the SLURM plugin treats a job with these resources as a GPU job (its own test)."""
+    return bool(resources.get("gpu")) or "gpu" in str(resources.get("gres", ""))
