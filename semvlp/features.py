@@ -24,10 +24,12 @@ HDF5 file that holds the per-image arrays and the common provenance, and whose p
 HDF5 virtual datasets over the shards (paths relative to the index). No feature is copied; any HDF5
 tool reads the index as one file, and `FeatureReader` reads it like a single file.
 
-Reading speed: the reader memory-maps the uncompressed datasets of every file (their byte offsets
-come from HDF5: one for a contiguous dataset, one per chunk for the one-image chunks of `features`), so
-a batch is a numpy gather from the page cache, shared by every process that reads the file, with no
-HDF5 call per image. A dataset HDF5 must decode (compressed, or not yet allocated) is read through h5py.
+Reading speed: the reader reads the uncompressed datasets of every file without HDF5 (their byte
+offsets come from HDF5: one for a contiguous dataset, one per chunk for the one-image chunks of
+`features`). An image's features are one pread straight into the batch; the small per-box arrays are
+a numpy gather from a read-only memory map. Both come from the page cache, shared by every process
+that reads the file, with no HDF5 call per image. A dataset HDF5 must decode (compressed, or not yet
+allocated) is read through h5py.
 """
 
 from __future__ import annotations
@@ -472,19 +474,11 @@ class FeatureReader:
             inside = (rows >= source.start) & (rows < source.stop)
             if not inside.any():
                 continue
-            everything = bool(inside.all())
+            positions = None if inside.all() else np.flatnonzero(inside)
             local = rows[inside] - source.start
             for name in ROW_ARRAYS:
                 target = out[name]
-                mapped = source.mapped[name]
-                if everything and target.shape[1] == self.max_boxes and mapped is not None and mapped.dtype == target.dtype:
-                    mapped.take(local, out=target)  # straight into the batch: one copy
-                    continue
-                values = source.read(name, local)
-                if everything:
-                    target[:, : self.max_boxes] = values
-                else:
-                    target[np.flatnonzero(inside), : self.max_boxes] = values
+                source.read_into(name, local, target if target.shape[1] == self.max_boxes else target[:, : self.max_boxes], positions)
 
     def _open(self) -> list[_SourceFile]:
         """This process's open files (the file itself, or a store's shards), opened on first use and
@@ -494,7 +488,7 @@ class FeatureReader:
             # Inherited through fork: a handle shares the parent's open file description, and while it
             # stays open HDF5 would hand that same file back to a new open. Close it, then open our own.
             for source in self._sources:
-                source.h5.close()
+                source.close()
             self._sources = []
         if not self._sources:
             files = self.shards or [(self.path, len(self))]
@@ -513,7 +507,7 @@ class FeatureReader:
         """Close the data handles (if this process opened them); the next access reopens them."""
         if self._pid == os.getpid():
             for source in self._sources:
-                source.h5.close()
+                source.close()
         self._sources, self._pid = [], None
 
     def __enter__(self) -> FeatureReader:
@@ -528,59 +522,71 @@ class FeatureReader:
         return state
 
 
-class _MappedRows:
-    """One dataset's rows as numpy views of the file's bytes (read-only memory maps).
+class _RawRows:
+    """One uncompressed dataset's rows, read from the file's bytes without HDF5.
 
-    Either one array over the whole dataset (a contiguous dataset, or chunks that lie in row order
-    back to back) or, for chunks in write order, the file's bytes and the offset of each row's chunk.
+    Small rows (boxes, labels) come from a read-only memory map of the file, by a numpy gather when the
+    rows lie back to back (a contiguous dataset, or one-image chunks allocated in row order). Large
+    rows (an image's features, 147 KB at 36 x 2048 float16) are read with one pread each straight into
+    the batch: a process's first touch of a mapped page costs more than copying it, and a pread
+    also reads a page-cache miss without a fault per page.
     """
 
-    def __init__(self, whole: np.ndarray | None, file_bytes: np.ndarray | None = None, offsets: np.ndarray | None = None, row_shape=(), dtype=None):
-        self.whole, self.file_bytes, self.offsets, self.row_shape = whole, file_bytes, offsets, row_shape
-        self.dtype = whole.dtype if whole is not None else dtype
+    def __init__(self, path: Path, fd: int, offsets: np.ndarray, row_shape: tuple[int, ...], dtype: np.dtype, whole: np.ndarray | None):
+        self.path, self.fd = path, fd
+        self.offsets = offsets  # (N,) int64, each row's byte offset in the file
+        self.row_shape, self.dtype, self.whole = row_shape, dtype, whole
+        self.row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
 
     @classmethod
-    def of(cls, file_bytes: np.ndarray, dataset: h5py.Dataset) -> _MappedRows | None:
-        """The dataset as views of `file_bytes` (its file mapped as uint8), or None where HDF5 must
-        decode it (filters, unallocated storage)."""
+    def of(cls, path: Path, fd: int, file_bytes: np.ndarray, dataset: h5py.Dataset) -> _RawRows | None:
+        """The dataset's rows in the file (mapped as uint8 in `file_bytes`), or None where HDF5 must
+        decode them (filters, other chunk shapes, unallocated storage)."""
         if dataset.compression or dataset.shuffle or dataset.fletcher32 or dataset.scaleoffset or dataset.dtype.kind not in "fiu":
             return None
         n, row_shape, dtype = dataset.shape[0], dataset.shape[1:], dataset.dtype
         row_bytes = dtype.itemsize * int(np.prod(row_shape))
-
-        def whole_from(offset: int) -> _MappedRows:
-            return cls(file_bytes[offset : offset + n * row_bytes].view(dtype).reshape(dataset.shape))
-
         if n == 0:
-            return cls(np.zeros(dataset.shape, dtype))
+            return cls(path, fd, np.zeros(0, np.int64), row_shape, dtype, np.zeros(dataset.shape, dtype))
         if dataset.chunks is None:
-            offset = dataset.id.get_offset()
-            return None if offset is None else whole_from(offset)
-        if dataset.chunks != (1, *row_shape):
-            return None
-        offsets = np.full(n, -1, np.int64)
+            start = dataset.id.get_offset()
+            if start is None:
+                return None
+            offsets = start + row_bytes * np.arange(n, dtype=np.int64)
+        elif dataset.chunks == (1, *row_shape):
+            offsets = np.full(n, -1, np.int64)
 
-        def record(info) -> None:
-            offsets[info.chunk_offset[0]] = info.byte_offset
+            def record(info) -> None:
+                offsets[info.chunk_offset[0]] = info.byte_offset
 
-        dataset.id.chunk_iter(record)
-        if (offsets < 0).any():  # rows never written read as fill values, which only HDF5 knows
+            dataset.id.chunk_iter(record)
+            if (offsets < 0).any():  # rows never written read as fill values, which only HDF5 knows
+                return None
+        else:
             return None
+        whole = None
         if (np.diff(offsets) == row_bytes).all():
-            return whole_from(int(offsets[0]))
-        return cls(None, file_bytes, offsets, row_shape, dtype)
+            whole = file_bytes[offsets[0] : offsets[0] + n * row_bytes].view(dtype).reshape(dataset.shape)
+        return cls(path, fd, offsets, row_shape, dtype, whole)
 
-    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        if self.whole is not None:
-            # mode="clip": rows are checked by the caller, and "raise" would buffer the copy
-            return np.take(self.whole, rows, axis=0, out=out, mode="clip")
-        if out is None:
-            out = np.empty((len(rows), *self.row_shape), self.dtype)
-        size = int(np.prod(self.row_shape)) * self.dtype.itemsize
-        for i, row in enumerate(rows.tolist()):
-            start = int(self.offsets[row])
-            out[i] = self.file_bytes[start : start + size].view(self.dtype).reshape(self.row_shape)
-        return out
+    def take(self, rows: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None) -> None:
+        """Copy row rows[i] into out[positions[i]] (into out[i] without positions)."""
+        if self.whole is not None and self.row_bytes < _PREAD_BYTES:
+            if positions is None:
+                # mode="clip": rows are checked by the caller, and "raise" would buffer the copy
+                np.take(self.whole, rows, axis=0, out=out, mode="clip")
+            else:
+                out[positions] = self.whole[rows]
+            return
+        places = range(len(rows)) if positions is None else positions.tolist()
+        for position, row in zip(places, rows.tolist()):
+            if os.preadv(self.fd, [out[position]], int(self.offsets[row])) != self.row_bytes:
+                raise InputError(f"the file ends inside row {row} (truncated?)", self.path)
+
+
+# Rows of at least this size are read with pread, one by one (an image's features), as are the rows of
+# datasets whose rows are not back to back
+_PREAD_BYTES = 16 << 10
 
 
 class _SourceFile:
@@ -590,15 +596,31 @@ class _SourceFile:
         self.h5 = h5py.File(path, "r")
         self.start = start
         self.stop = start + self.h5["features"].shape[0]
+        self.fd = os.open(path, os.O_RDONLY)
         file_bytes = np.memmap(path, np.uint8, "r")  # one mapping per file, shared by its datasets' views
-        self.mapped = {name: _MappedRows.of(file_bytes, self.h5[name]) for name in ROW_ARRAYS}
+        self.raw = {name: _RawRows.of(path, self.fd, file_bytes, self.h5[name]) for name in ROW_ARRAYS}
 
-    def read(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows (local to this file, any order, repeats allowed) of one per-box array."""
-        if self.mapped[name] is not None:
-            return self.mapped[name].take(rows)
-        unique, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing, unique rows
-        return self.h5[name][unique][inverse]
+    def close(self) -> None:
+        self.h5.close()
+        os.close(self.fd)
+
+    def read_into(self, name: str, rows: np.ndarray, out: np.ndarray, positions: np.ndarray | None) -> None:
+        """Copy rows (local to this file, any order, repeats allowed) of one per-box array into
+        out[positions] (into out without positions)."""
+        raw = self.raw[name]
+        if raw is not None and raw.dtype == out.dtype:
+            raw.take(rows, out, positions)
+            return
+        if raw is not None:
+            values = np.empty((len(rows), *raw.row_shape), raw.dtype)
+            raw.take(rows, values)
+        else:
+            unique, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing, unique rows
+            values = self.h5[name][unique][inverse]
+        if positions is None:
+            out[...] = values
+        else:
+            out[positions] = values
 
 
 # --------------------------------------------------------------------------------------------------

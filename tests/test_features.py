@@ -285,8 +285,8 @@ def test_store_index_refuses_duplicate_image_ids(tmp_path, records):
 
 
 @pytest.mark.parametrize("order", ["in_order", "reversed"])
-def test_mapped_reads_equal_hdf5_reads(tmp_path, records, order):
-    """Rows written in reverse put the one-image chunks out of row order: the reader maps each chunk."""
+def test_raw_reads_equal_hdf5_reads(tmp_path, records, order):
+    """Rows written in reverse put the one-image chunks out of row order: the reader reads each chunk."""
     path = tmp_path / "coco.h5"
     rows = list(enumerate(records))
     with FeatureWriter(path, num_images=len(records), max_boxes=MAX_BOXES, feature_dim=FEATURE_DIM, provenance=PROVENANCE) as writer:
