@@ -498,7 +498,11 @@ def test_corpus_merges_captions_vqa_and_gqa(world, tmp_path):
     assert [counts[a] for a in table.answers] == sorted((counts[a] for a in table.answers), reverse=True)
 
     write_corpus(records, table, tmp_path / "corpus.jsonl", tmp_path / "answers.json")
-    assert read_corpus(tmp_path / "corpus.jsonl") == records
+    corpus = read_corpus(tmp_path / "corpus.jsonl")  # columns, a record built when indexed
+    assert list(corpus) == records and corpus[-1] == records[-1]
+    assert corpus.images() == list(dict.fromkeys((r.img_set, r.img_id) for r in records))
+    assert list(corpus.of_sources(["vqa"])) == vqa_records
+    assert list(corpus.sentences()) == [r.sentence for r in records]
     only_gqa, gqa_table = build_corpus(world, ["gqa"], min_answer_count=1, gqa_splits=["val"])
     assert {r.source for r in only_gqa} == {"gqa"} and "yes" in gqa_table
 

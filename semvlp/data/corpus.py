@@ -14,10 +14,13 @@ keeps its answer string; the training code gives it no QA target but still uses 
 from __future__ import annotations
 
 import json
+from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
 
 from semvlp.data import layout
 from semvlp.data.answers import AnswerTable, vqa_targets
@@ -129,12 +132,97 @@ def write_corpus(records: Sequence[CorpusRecord], table: AnswerTable, corpus_pat
 _RECORD_FIELDS = {f.name for f in fields(CorpusRecord)}
 
 
-def read_corpus(path: str | Path) -> list[CorpusRecord]:
+class Corpus(Sequence[CorpusRecord]):
+    """The records of a corpus file as columns: a record is built only when it is indexed.
+
+    Why: LXMERT's 9.18M sentences as Python objects take several GB, and every DataLoader worker forked
+    from the training process would copy their pages as reference counts change. Here they are a few
+    numpy arrays (the sentences' UTF-8 bytes and offsets, an image, answer and source index per record)
+    plus the lists of distinct images and answers.
+    """
+
+    def __init__(self, text: np.ndarray, starts: np.ndarray, lengths: np.ndarray, image: np.ndarray, answer: np.ndarray,
+                 source: np.ndarray, image_keys: list[tuple[str, str]], answers: list[str]):
+        self.text = text  # (total bytes,) uint8: the sentences' UTF-8, back to back
+        self.starts, self.lengths = starts, lengths  # (N,) int64, int32: each record's sentence in `text`
+        self.image, self.answer, self.source = image, answer, source  # (N,) int32, int32 (-1: none), int8
+        self.image_keys, self.answers = image_keys, answers  # distinct (img_set, img_id), distinct answers
+
+    @classmethod
+    def from_records(cls, records: Sequence[CorpusRecord]) -> Corpus:
+        columns = _Columns()
+        for record in records:
+            columns.add(record.img_set, record.img_id, record.sentence, record.answer, record.source)
+        return columns.corpus()
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def __getitem__(self, index: int) -> CorpusRecord:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        index %= len(self)
+        img_set, img_id = self.image_keys[self.image[index]]
+        answer, start = self.answer[index], self.starts[index]
+        return CorpusRecord(
+            img_set, img_id, self.text[start : start + self.lengths[index]].tobytes().decode("utf-8"),
+            None if answer < 0 else self.answers[answer], CORPUS_SOURCES[self.source[index]],
+        )
+
+    def of_sources(self, sources: Sequence[str]) -> Corpus:
+        """The records of these sources (sharing this corpus's text)."""
+        rows = np.flatnonzero(np.isin(self.source, [CORPUS_SOURCES.index(s) for s in sources]))
+        return Corpus(self.text, self.starts[rows], self.lengths[rows], self.image[rows], self.answer[rows], self.source[rows],
+                      self.image_keys, self.answers)
+
+    def images(self) -> list[tuple[str, str]]:
+        """The distinct images the records use, in order of first use."""
+        return [self.image_keys[i] for i in self.image_indices()]
+
+    def image_indices(self) -> np.ndarray:
+        """Indices into `image_keys` of the distinct images the records use, in order of first use."""
+        first_use = np.full(len(self.image_keys), len(self), np.int64)
+        np.minimum.at(first_use, self.image, np.arange(len(self)))
+        used = np.flatnonzero(first_use < len(self))
+        return used[np.argsort(first_use[used], kind="stable")]
+
+    def sentences(self) -> Iterator[str]:
+        for start, length in zip(self.starts.tolist(), self.lengths.tolist()):
+            yield self.text[start : start + length].tobytes().decode("utf-8")
+
+
+class _Columns:
+    """A corpus's columns as they grow, record by record."""
+
+    def __init__(self):
+        self.text, self.starts, self.lengths = bytearray(), array("q"), array("i")
+        self.image, self.answer, self.source = array("i"), array("i"), array("b")
+        self.image_index: dict[tuple[str, str], int] = {}
+        self.answer_index: dict[str, int] = {}
+
+    def add(self, img_set: str, img_id: str, sentence: str, answer: str | None, source: str) -> None:
+        encoded = sentence.encode("utf-8")
+        self.starts.append(len(self.text))
+        self.lengths.append(len(encoded))
+        self.text += encoded
+        self.image.append(self.image_index.setdefault((img_set, img_id), len(self.image_index)))
+        self.answer.append(-1 if answer is None else self.answer_index.setdefault(answer, len(self.answer_index)))
+        self.source.append(CORPUS_SOURCES.index(source))
+
+    def corpus(self) -> Corpus:
+        return Corpus(
+            np.frombuffer(self.text, np.uint8), np.frombuffer(self.starts, np.int64), np.frombuffer(self.lengths, np.int32),
+            np.frombuffer(self.image, np.int32), np.frombuffer(self.answer, np.int32), np.frombuffer(self.source, np.int8),
+            list(self.image_index), list(self.answer_index),
+        )
+
+
+def read_corpus(path: str | Path) -> Corpus:
     """Records written by `write_corpus`, checked line by line."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", path)
-    records = []
+    columns = _Columns()
     with open(path, encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
             where = f"line {line_number}"
@@ -153,7 +241,8 @@ def read_corpus(path: str | Path) -> list[CorpusRecord]:
                     raise InputError(f"{where} field {key!r} must be a non-empty string", path)
             if entry["answer"] is not None and not isinstance(entry["answer"], str):
                 raise InputError(f"{where} field 'answer' must be a string or null", path)
-            records.append(CorpusRecord(**entry))
-    if not records:
+            columns.add(entry["img_set"], entry["img_id"], entry["sentence"], entry["answer"], entry["source"])
+    corpus = columns.corpus()
+    if not len(corpus):
         raise InputError("holds no records", path)
-    return records
+    return corpus
