@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
+import tokenizers
 import torch
 
 from semvlp.errors import InputError
@@ -28,6 +31,8 @@ class RegionBank:
             raise InputError(f"feature files disagree on the feature dimension: {sorted(dims)}", ", ".join(map(str, paths.values())))
         self.feature_dim = dims.pop()
         self.max_boxes = max(r.max_boxes for r in self.readers.values())
+        # batches keep the stores' dtype (float16 as extracted): the model widens features on its device
+        self.feature_dtype = np.result_type(*(r.feature_dtype for r in self.readers.values()))
 
     def check_ids(self, keys: list[tuple[str, str]], source: str | Path) -> None:
         """Fail early, naming the first image a record needs that has no features."""
@@ -48,11 +53,22 @@ class RegionBank:
                     attributes = max(attributes, int(f["attr_ids"][start : start + 4096].max(initial=0)) + 1)
         return objects, attributes
 
-    def batch(self, keys: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """Padded region tensors for a list of (image set, image id), gathered per image set in one call."""
+    def region_mask(self, keys: list[tuple[str, str]]) -> torch.Tensor:
+        """[B, K] bool, True for the real regions of each image: from the stores' box counts, no read."""
+        num_boxes = np.array([self.readers[image_set].num_boxes[self.readers[image_set].index(img_id)] for image_set, img_id in keys], np.int64)
+        return torch.from_numpy(np.arange(self.max_boxes)[None, :] < num_boxes.reshape(-1, 1))
+
+    def batch(self, keys: list[tuple[str, str]], features_out: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """Padded region tensors for a list of (image set, image id), gathered per image set in one call.
+
+        Features keep the stores' dtype; they are read into `features_out` ([B, K, D]) when given.
+        """
         n, k = len(keys), self.max_boxes
-        arrays = {name: np.zeros((n, k, *shape), dtype) for name, (shape, dtype) in BOX_ARRAYS.items()}
-        arrays["features"] = np.zeros((n, k, self.feature_dim), np.float32)
+        # uninitialised: the gather writes every slot of a store's boxes, and other slots are zeroed below
+        arrays = {name: np.empty((n, k, *shape), dtype) for name, (shape, dtype) in BOX_ARRAYS.items()}
+        if features_out is not None and (features_out.shape != (n, k, self.feature_dim) or features_out.dtype != self.feature_dtype):
+            raise ValueError(f"features_out is {features_out.dtype} {features_out.shape}, the batch {self.feature_dtype} {(n, k, self.feature_dim)}")
+        arrays["features"] = np.empty((n, k, self.feature_dim), self.feature_dtype) if features_out is None else features_out
         num_boxes, img_w, img_h = np.zeros(n, np.int64), np.ones(n, np.int64), np.ones(n, np.int64)
         positions_of: dict[str, list[int]] = {}
         for position, (image_set, _) in enumerate(keys):
@@ -60,6 +76,9 @@ class RegionBank:
         for image_set, positions in positions_of.items():
             reader = self.readers[image_set]
             rows = np.array([reader.index(keys[p][1]) for p in positions], np.int64)
+            if reader.max_boxes < k:  # a store with fewer box slots than the bank: its slots stay zero
+                for values in arrays.values():
+                    values[positions, reader.max_boxes :] = 0
             if len(positions) == n:
                 reader.gather(rows, arrays)
             else:
@@ -88,6 +107,59 @@ ENCODER_KEYS = ("input_ids", "text_mask", "region_feats", "region_geom", "region
 def encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a batch the encoder reads (batches also carry targets)."""
     return {key: batch[key] for key in ENCODER_KEYS}
+
+
+class TokenizedText:
+    """Sentences tokenised once, as flat arrays: a batch's token ids are then a gather, where a
+    tokenizer call per batch would cost more than the batch's region reads.
+
+    `batch(rows)` gives what `encode_text` gives for those sentences: each truncated to max_length
+    with its [CLS]/[SEP], padded to the batch's longest.
+    """
+
+    def __init__(self, tokenizer, sentences: Iterable[str], max_length: int, chunk: int = 65536):
+        self.pad_token_id = tokenizer.pad_token_id
+        dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+        # the Rust tokenizer itself (a copy, truncating as the transformers call does): twice as fast
+        # over LXMERT's 9.18M sentences, which a phase tokenises when it starts
+        backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.no_padding()
+        backend.enable_truncation(max_length)
+        ids, special, lengths = [], [], []
+        for part in _chunks(sentences, chunk):
+            encodings = backend.encode_batch_fast(part)
+            counts = np.array([len(e.ids) for e in encodings], np.int64)
+            ids.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype, count=int(counts.sum())))
+            special.append(np.fromiter(itertools.chain.from_iterable(e.special_tokens_mask for e in encodings), np.bool_, count=int(counts.sum())))
+            lengths.append(counts)
+        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)  # (N,)
+        self.starts = np.cumsum(self.lengths) - self.lengths  # (N,)
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, dtype)  # (total tokens,)
+        self.special = np.concatenate(special) if special else np.zeros(0, np.bool_)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        lengths = self.lengths[rows]
+        present = np.arange(lengths.max(initial=0))[None, :] < lengths[:, None]  # [B, T]
+        at = np.where(present, self.starts[rows][:, None] + np.arange(present.shape[1])[None, :], 0)
+        return {
+            "input_ids": torch.from_numpy(np.where(present, self.ids[at], self.pad_token_id).astype(np.int64)),
+            "text_mask": torch.from_numpy(present),
+            "special_tokens_mask": torch.from_numpy(np.where(present, self.special[at], True)),
+        }
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def encode_text(tokenizer, sentences: list[str], max_length: int) -> dict[str, torch.Tensor]:

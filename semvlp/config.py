@@ -96,6 +96,14 @@ def _check_relations(config: dict[str, Any]) -> None:
         if k > model["num_layers"]:
             key = f"pretrain.variants.{name}.model.cross_layers" if "model" in variant else "model.cross_layers"
             fail(key, f"{k} cross-attention layers but the model has {model['num_layers']} layers")
+    phase = config["pretrain"]["phase"]
+    processes = int(config.get("resources", {}).get("pretrain_phase", {}).get("gpu", 0)) or 1
+    if phase["batch_size"] % (processes * phase["accumulation_steps"]):
+        fail(
+            "pretrain.phase.batch_size",
+            f"{phase['batch_size']} does not split over {processes} GPU processes (resources.pretrain_phase.gpu) "
+            f"x {phase['accumulation_steps']} accumulation steps (pretrain.phase.accumulation_steps)",
+        )
     for i, variant in enumerate(config["report"]["variants"]):
         if variant not in config["pretrain"]["variants"]:
             fail(f"report.variants.{i}", f"'{variant}' is not a variant in pretrain.variants")

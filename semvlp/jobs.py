@@ -212,6 +212,7 @@ def _init_model(smk, job):
 
 @handler("pretrain_phase")
 def _pretrain_phase(smk, job):
+    from semvlp.loader import LoaderSettings
     from semvlp.pretrain import PhaseSettings, run_phase
 
     p = smk.params
@@ -238,23 +239,24 @@ def _pretrain_phase(smk, job):
         tokenizer_dir=str(Path(smk.input.tokenizer).parent),
         feature_paths=_feature_inputs(smk),
     )
+    loader = LoaderSettings(num_workers=smk.resources.loader_workers, prefetch_factor=smk.resources.loader_prefetch)
     gpus = int(smk.resources.get("gpu", 0))
     if gpus > 1:
-        summary = _torchrun_phase(args, settings, gpus, job)
+        summary = _torchrun_phase(args, settings, loader, gpus, job)
     else:
-        summary = run_phase(**args, settings=settings, job=job)
+        summary = run_phase(**args, settings=settings, loader=loader, job=job)
     job.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     job.log_artifact(smk.output.metrics)
 
 
-def _torchrun_phase(args: dict[str, Any], settings, gpus: int, job) -> dict[str, Any]:
+def _torchrun_phase(args: dict[str, Any], settings, loader, gpus: int, job) -> dict[str, Any]:
     """Run the phase as `gpus` DistributedDataParallel processes; log its curve once it is done."""
     import json
     import subprocess
     from dataclasses import asdict
 
     args_path = Path(f"{args['out_checkpoint']}.torchrun.json")
-    write_json(args_path, {**args, "settings": asdict(settings)})
+    write_json(args_path, {**args, "settings": asdict(settings), "loader": asdict(loader)})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "semvlp.pretrain", str(args_path)]
     print("launching:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)

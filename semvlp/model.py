@@ -238,8 +238,9 @@ class RegionEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, region_feats: torch.Tensor, region_geom: torch.Tensor) -> torch.Tensor:
-        # region_feats: [B, R, D], region_geom: [B, R, G] -> [B, R, H]
-        features = self.feature_norm(self.feature_proj(region_feats))
+        # region_feats: [B, R, D], region_geom: [B, R, G] -> [B, R, H]. Features may arrive in the store's
+        # float16 (half the bytes through the input pipeline and onto the device); widening is exact.
+        features = self.feature_norm(self.feature_proj(region_feats.to(self.feature_proj.weight.dtype)))
         geometry = self.geometry_norm(self.geometry_proj(region_geom))
         return self.dropout((features + geometry) / 2)
 

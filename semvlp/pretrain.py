@@ -1,37 +1,41 @@
 """Pre-training: the initial checkpoint of a variant, and one phase (single, two or mixed mode).
 
 A phase job starts from the previous phase's checkpoint and trains the shared stack in its mode with the
-four objectives. Batches are a pure function of (seed, phase index, step): a phase killed mid-way
-resumes from its last periodic checkpoint (`<output>.partial`) and ends exactly where an uninterrupted
-run would (same seed, CPU). Each phase has its own optimiser and linear warm-up/decay schedule; the
-weights carry over from phase to phase.
+four objectives. Batches are a pure function of (seed, phase index, step), built ahead in DataLoader
+worker processes (`LoaderSettings`; any number of workers gives the same batches): a phase killed
+mid-way resumes from its last periodic checkpoint (`<output>.partial`) and ends exactly where an
+uninterrupted run would (same seed, CPU). Each phase has its own optimiser and linear warm-up/decay
+schedule (semvlp.engine); the weights carry over from phase to phase.
 
-Distributed: under `torchrun` (WORLD_SIZE > 1) each process takes every world_size-th row of the same
-global batch and DistributedDataParallel averages the gradients (gloo on CPU, NCCL on GPUs); rank 0
-alone writes checkpoints and metrics. On a GPU the forward pass runs under bf16 autocast.
-`python -m semvlp.pretrain ARGS.json` is the per-process entry point torchrun starts.
+Distributed: under `torchrun` (WORLD_SIZE > 1) each process builds and reads only its rows
+(every world_size-th) of the same global batch and DistributedDataParallel averages the gradients
+(gloo on CPU, NCCL on GPUs); rank 0 alone writes checkpoints and metrics. On a GPU the forward pass
+runs under bf16 autocast. `python -m semvlp.pretrain ARGS.json` is the per-process entry point
+torchrun starts.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from semvlp.batching import RegionBank, encode_text, encoder_inputs
+from semvlp.batching import RegionBank, TokenizedText, encoder_inputs
 from semvlp.data.answers import AnswerTable
-from semvlp.data.corpus import CORPUS_SOURCES, read_corpus
+from semvlp.data.corpus import CORPUS_SOURCES, Corpus, read_corpus
 from semvlp.diagnostics import grounding_report
+from semvlp.engine import Distributed, OptimizerSettings, Trainer, file_stamp, split_rows
 from semvlp.errors import InputError
 from semvlp.io import atomic_path, write_json
+from semvlp.loader import LoaderSettings, StepLoader, numpy_dtype
 from semvlp.model import SemVLPConfig, SemVLPForPreTraining, load_bert_checkpoint
 from semvlp.objectives import LOSS_NAMES, LossWeights, head_positions, mask_regions, mask_tokens, pretraining_losses
 from semvlp.tokenization import load_tokenizer
@@ -120,6 +124,7 @@ class PhaseSettings:
     max_text_length: int
     seed: int
     loss_weights: dict[str, float] = field(default_factory=dict)
+    accumulation_steps: int = 1  # micro-batches per optimiser step (the batch is dealt over them)
     # corpus sources whose sentences get an image-text matching label; a question does not describe
     # its image, so a mismatched image often fits it as well and its label would be noise
     itm_sources: tuple[str, ...] = ("coco_captions",)
@@ -136,13 +141,17 @@ class PhaseSettings:
 class PretrainBatches:
     """Builds the batch of a given step, deterministically from (seed, phase index, step)."""
 
-    def __init__(self, records, answers: AnswerTable, bank: RegionBank, tokenizer, settings: PhaseSettings):
+    def __init__(self, records: Corpus, answers: AnswerTable, bank: RegionBank, tokenizer, settings: PhaseSettings):
         self.records = records
-        self.answers = answers
         self.bank = bank
         self.tokenizer = tokenizer
         self.settings = settings
-        self.image_keys = sorted({(r.img_set, r.img_id) for r in records})
+        # what a batch needs of the corpus, as arrays: a batch is then gathers, not a loop over records
+        self.text = TokenizedText(tokenizer, records.sentences(), settings.max_text_length)
+        used = records.image_indices()
+        self.mismatch_images = np.array(sorted(used.tolist(), key=records.image_keys.__getitem__), np.int64)  # by key
+        self.itm_sources = np.array([CORPUS_SOURCES.index(source) for source in settings.itm_sources])
+        self.qa_target = np.array([answers.index.get(answer, -1) for answer in records.answers] + [-1], np.int64)
 
     def generator(self, step: int) -> torch.Generator:
         s = self.settings
@@ -154,22 +163,28 @@ class PretrainBatches:
         draw = torch.rand((), generator=self.generator(step)).item()
         return "single" if draw < self.settings.mixed_single_ratio else "two"
 
-    def __call__(self, step: int) -> dict[str, torch.Tensor]:
-        s, g = self.settings, self.generator(step)
-        picks = torch.randint(len(self.records), (s.batch_size,), generator=g).tolist()
-        records = [self.records[i] for i in picks]
+    def __call__(self, step: int, rows: slice = slice(None), features_out: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """The `rows` of the step's global batch (under torchrun a rank's rows, `rank::world_size`).
+
+        Every draw is made for the whole global batch, so a rank's rows are exactly those rows of the
+        batch one process would build; only the rows' region features are read. Features come
+        unmasked (into `features_out` when given): `step_inputs` zeroes the masked regions on the
+        training device.
+        """
+        s, g, corpus = self.settings, self.generator(step), self.records
+        picks = torch.randint(len(corpus), (s.batch_size,), generator=g).numpy()
         # image-text matching: replace the image of some pairs (of the ITM sources) by another image
-        draws = (torch.rand(s.batch_size, generator=g) < s.itm_mismatch_ratio).tolist()
-        matched_kind = [r.source in s.itm_sources for r in records]
-        mismatch = [draw and kind for draw, kind in zip(draws, matched_kind)]
-        keys = []
-        for rec, swap in zip(records, mismatch):
-            key = (rec.img_set, rec.img_id)
-            while swap and key == (rec.img_set, rec.img_id):
-                key = self.image_keys[torch.randint(len(self.image_keys), (1,), generator=g).item()]
-            keys.append(key)
-        batch = self.bank.batch(keys)
-        text = encode_text(self.tokenizer, [r.sentence for r in records], s.max_text_length)
+        draws = (torch.rand(s.batch_size, generator=g) < s.itm_mismatch_ratio).numpy()
+        matched_kind = np.isin(corpus.source[picks], self.itm_sources)
+        mismatch = draws & matched_kind
+        images = corpus.image[picks].astype(np.int64)
+        for row in np.flatnonzero(mismatch).tolist():  # in row order: each draw comes from the generator
+            own = images[row]
+            while images[row] == own:
+                images[row] = self.mismatch_images[torch.randint(len(self.mismatch_images), (1,), generator=g).item()]
+        keys = [corpus.image_keys[i] for i in images.tolist()]
+        # the text is the whole batch's: masks are drawn over its [B, T], T its longest sentence
+        text = self.text.batch(picks)
         input_ids, mlm_labels = mask_tokens(
             text["input_ids"],
             text["special_tokens_mask"] | ~text["text_mask"],
@@ -178,45 +193,43 @@ class PretrainBatches:
             prob=s.text_mask_prob,
             generator=g,
         )
-        masked_regions = mask_regions(batch["region_mask"], prob=s.region_mask_prob, generator=g)
-        target_feats = batch["region_feats"]
-        batch["region_feats"] = target_feats.masked_fill(masked_regions.unsqueeze(-1), 0.0)
-        itm = torch.tensor([(0 if swap else 1) if kind else -1 for swap, kind in zip(mismatch, matched_kind)])
-        qa = torch.tensor(
-            [
-                self.answers.index.get(r.answer, -1) if (r.answer is not None and not swap) else -1
-                for r, swap in zip(records, mismatch)
-            ]
-        )
+        masked_regions = mask_regions(self.bank.region_mask(keys), prob=s.region_mask_prob, generator=g)
+        itm = torch.from_numpy(np.where(matched_kind, np.where(mismatch, 0, 1), -1))
+        # corpus answer -1 (none) reads the table's trailing -1; a mismatched pair's answer is not its image's
+        qa = torch.from_numpy(np.where(mismatch, -1, self.qa_target[corpus.answer[picks]]))
+        batch = self.bank.batch(keys[rows], features_out)
         batch.update(
-            input_ids=input_ids,  # [B, T]
-            text_mask=text["text_mask"],  # [B, T]
-            mlm_labels=mlm_labels,  # [B, T], -100 where not masked
-            masked_regions=masked_regions,  # [B, K]
-            target_feats=target_feats,  # [B, K, D]
-            itm_labels=itm,  # [B], -1 for sentences of sources without ITM
-            qa_labels=qa,  # [B], -1 where no QA target
+            input_ids=input_ids[rows],  # [B, T]
+            text_mask=text["text_mask"][rows],  # [B, T]
+            mlm_labels=mlm_labels[rows],  # [B, T], -100 where not masked
+            masked_regions=masked_regions[rows],  # [B, K]
+            itm_labels=itm[rows],  # [B], -1 for sentences of sources without ITM
+            qa_labels=qa[rows],  # [B], -1 where no QA target
         )
         return batch
 
 
-def _schedule(optimizer, steps: int, warmup_ratio: float):
-    warmup = max(1, int(steps * warmup_ratio))
+def batch_loader(batches: PretrainBatches, steps: range, rows: slice, settings: LoaderSettings, device: torch.device) -> StepLoader:
+    """This process's rows of the batches of `steps`, in step order (semvlp.loader)."""
+    shape = (len(range(batches.settings.batch_size)[rows]), batches.bank.max_boxes, batches.bank.feature_dim)
+    return StepLoader(batches, steps, rows, shape, numpy_dtype(batches.bank.feature_dtype), settings, device)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def step_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on the training device, where the masked regions' features are zeroed; the unmasked
+    features are the regression targets (so only one copy of them travels)."""
+    batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+    batch["target_feats"] = batch["region_feats"]  # [B, K, D]
+    batch["region_feats"] = batch["region_feats"].masked_fill(batch["masked_regions"].unsqueeze(-1), 0.0)
+    return batch
 
 
 def _grounding(model, records, bank, tokenizer, settings: PhaseSettings) -> dict[str, float]:
     """grounding_{mode}_* of the phase's final model on a fixed sample of its ITM-source sentences
     (semvlp.diagnostics), in both modes: the weights are shared, so a phase of one mode can help or
     hurt the other, and alternating schedules are judged by that."""
-    described = [r for r in records if r.source in settings.itm_sources]
-    if len({(r.img_set, r.img_id) for r in described}) < 2:
+    described = records.of_sources(settings.itm_sources)
+    if len(described.images()) < 2:
         return {}
     values = {}
     for mode in ("single", "two"):
@@ -246,82 +259,62 @@ def _itm_counts(output, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return int(right.sum()), int(labelled.sum())
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state()}
+def target_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[len(LOSS_NAMES)] float64: how many targets each loss term averages over in this batch (masked
+    tokens, masked regions three times, ITM pairs, answered questions with their own image)."""
+    masked = (batch["masked_regions"] & batch["region_mask"]).sum()
+    return torch.stack(
+        [
+            (batch["mlm_labels"] >= 0).sum(),
+            masked,
+            masked,
+            masked,
+            (batch["itm_labels"] >= 0).sum(),
+            ((batch["qa_labels"] >= 0) & (batch["itm_labels"] != 0)).sum(),
+        ]
+    ).double()
 
 
-def default_device() -> torch.device:
-    """The GPU when the job has one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def share_of_batch(losses: dict[str, torch.Tensor], share: torch.Tensor, weights: LossWeights) -> dict[str, torch.Tensor]:
+    """Rescale a micro-batch's per-term means by its share of the global batch's targets (its count
+    x world size / the global count): summed over micro-batches and averaged over ranks by DDP, the
+    gradient is that of the whole batch's means, although counts differ between micro-batches."""
+    scaled = {name: losses[name] * factor for name, factor in zip(LOSS_NAMES, share.tolist())}
+    scaled["total"] = sum(getattr(weights, name) * scaled[name] for name in LOSS_NAMES)
+    return scaled
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on a GPU; a no-op on the CPU, where training stays float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def check_batch_split(batch_size: int, world_size: int, accumulation_steps: int) -> None:
+    """A global batch is dealt row by row over ranks, then over micro-batches: both must divide it."""
+    if batch_size % (world_size * accumulation_steps):
+        raise ValueError(
+            f"batch size {batch_size} does not split over {world_size} processes x {accumulation_steps} accumulation steps"
+        )
 
 
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+def _train_step(trainer: Trainer, batch: dict[str, torch.Tensor], mode: str, weights: LossWeights) -> dict[str, float]:
+    """One optimiser step on this rank's rows of a step's batch; returns the whole batch's logged values."""
+    parts, world = trainer.settings.accumulation_steps, trainer.dist.world_size
+    rescale = parts > 1 or world > 1
+    total = trainer.dist.sum(target_counts(batch)).clamp(min=1) if rescale else None
 
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=default_device)
+    def loss_of(micro):
+        # the masked-LM and masked-object heads run only where the losses read them
+        output = trainer.module(**encoder_inputs(micro), mode=mode, **head_positions(micro))
+        losses = pretraining_losses(output, micro, weights)
+        if rescale:
+            losses = share_of_batch(losses, target_counts(micro) * world / total, weights)
+        return losses["total"], ({k: v.item() for k, v in losses.items()}, _itm_counts(output, micro))
 
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
-            return cls()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
-        else:
-            device = torch.device("cpu")
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(rank=torch.distributed.get_rank(), world_size=world_size, device=device)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's rows of the global batch, on its device."""
-        return {k: v[self.rank :: self.world_size].to(self.device) for k, v in batch.items()}
-
-    def global_losses(self, losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], weights: LossWeights) -> dict[str, torch.Tensor]:
-        """Rescale each rank's per-term means so that DDP's gradient average equals the gradient of the
-        whole batch's means: a term is a mean over this rank's targets (masked tokens, masked regions,
-        answered questions), whose counts differ between ranks."""
-        if self.world_size == 1:
-            return losses
-        masked = (batch["masked_regions"] & batch["region_mask"]).sum()
-        local = torch.stack(
-            [
-                (batch["mlm_labels"] >= 0).sum(),
-                masked,
-                masked,
-                masked,
-                (batch["itm_labels"] >= 0).sum(),
-                ((batch["qa_labels"] >= 0) & (batch["itm_labels"] != 0)).sum(),
-            ]
-        ).double()
-        total = local.clone()
-        torch.distributed.all_reduce(total)
-        factors = (local * self.world_size / total.clamp(min=1)).tolist()
-        scaled = {name: losses[name] * factor for name, factor in zip(LOSS_NAMES, factors)}
-        scaled["total"] = sum(getattr(weights, name) * scaled[name] for name in LOSS_NAMES)
-        return scaled
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Average logged values over the ranks (what one process on the whole batch would log)."""
-        if self.world_size == 1:
-            return values
-        tensor = torch.tensor(list(values.values()), dtype=torch.float64)
-        torch.distributed.all_reduce(tensor)
-        return dict(zip(values, (tensor / self.world_size).tolist()))
+    results = trainer.step(split_rows(batch, parts), loss_of)
+    summed = {f"loss_{k}": sum(losses[k] for losses, _ in results) for k in results[0][0]}
+    summed["itm_right"] = sum(right for _, (right, _) in results)
+    summed["itm_labelled"] = sum(labelled for _, (_, labelled) in results)
+    values = trainer.dist.mean(summed)
+    right, labelled = values.pop("itm_right"), values.pop("itm_labelled")
+    if labelled:  # a ratio of rank means is the ratio of sums; 0.5 while nothing is grounded yet
+        values["itm_accuracy"] = right / labelled
+    return values
 
 
 def run_phase(
@@ -334,12 +327,12 @@ def run_phase(
     tokenizer_dir: str | Path,
     feature_paths: dict[str, str | Path],
     settings: PhaseSettings,
+    loader: LoaderSettings | None = None,
     job=None,
 ) -> dict[str, Any]:
     """Train one phase; returns its summary metrics (also written to metrics_path)."""
     dist = Distributed.from_env()
-    if settings.batch_size % dist.world_size:
-        raise ValueError(f"batch size {settings.batch_size} does not split over {dist.world_size} processes")
+    check_batch_split(settings.batch_size, dist.world_size, settings.accumulation_steps)
     model, checkpoint = load_model(previous_checkpoint)
     tokenizer = load_tokenizer(tokenizer_dir)
     answers = AnswerTable.load(answers_path)
@@ -347,76 +340,46 @@ def run_phase(
     if not records:
         raise InputError("the pre-training corpus is empty", corpus_path)
     bank = RegionBank(feature_paths, box_dim=model.config.box_dim)
-    bank.check_ids([(r.img_set, r.img_id) for r in records], corpus_path)
+    bank.check_ids(records.images(), corpus_path)
     batches = PretrainBatches(records, answers, bank, tokenizer, settings)
     weights = LossWeights(**settings.loss_weights)
-
-    model.to(dist.device)
+    optimizer_settings = OptimizerSettings(
+        steps=settings.steps, lr=settings.lr, weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
+        accumulation_steps=settings.accumulation_steps,
+    )
     # single-stream steps leave the cross-attention module unused
-    trained = model if dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = _schedule(optimizer, settings.steps, settings.warmup_ratio)
+    trainer = Trainer(model, optimizer_settings, dist=dist, find_unused_parameters=True)
     partial = Path(f"{out_checkpoint}.partial")
-    start, history = 0, []
-    if partial.is_file():
-        state = torch.load(partial, map_location="cpu", weights_only=False)
-        if state["settings"] == asdict(settings) and state["previous"] == str(previous_checkpoint):
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            start, history = state["step"], state["history"]
-            print(f"resuming phase {settings.index} ({settings.mode}) at step {start} from {partial}")
+    identity = {"settings": asdict(settings), "previous": file_stamp(previous_checkpoint)}
+    start, history = trainer.resume(partial, identity) or (0, [])
+    if start:
+        print(f"resuming phase {settings.index} ({settings.mode}) at step {start} from {partial}")
 
     model.train()
     tic = time.perf_counter()
+    steps = range(start, settings.steps)
     progress = tqdm(
-        range(start, settings.steps), initial=start, total=settings.steps, desc=f"phase {settings.index} ({settings.mode})",
+        steps, initial=start, total=settings.steps, desc=f"phase {settings.index} ({settings.mode})",
         mininterval=5, disable=not dist.is_main,
     )
-    for step in progress:
-        batch = dist.shard(batches(step))
+    step_tic = time.perf_counter()
+    for step, batch in zip(progress, batch_loader(batches, steps, dist.rows, loader or LoaderSettings(), dist.device)):
         mode = batches.mode(step)
         # dropout draws from the global RNG: seed it per step so a resumed run repeats it exactly
         torch.manual_seed(batches.generator(step).initial_seed() + 1)
-        step_tic = time.perf_counter()
-        with autocast(dist.device):
-            # the masked-LM and masked-object heads run only where the losses read them
-            output = trained(**encoder_inputs(batch), mode=mode, **head_positions(batch))
-            losses = dist.global_losses(pretraining_losses(output, batch, weights), batch, weights)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        right, labelled = _itm_counts(output, batch)
-        values = dist.mean({**{f"loss_{k}": v.item() for k, v in losses.items()}, "itm_right": right, "itm_labelled": labelled})
-        right, labelled = values.pop("itm_right"), values.pop("itm_labelled")
-        if labelled:  # a ratio of rank means is the ratio of sums; 0.5 while nothing is grounded yet
-            values["itm_accuracy"] = right / labelled
+        values = _train_step(trainer, step_inputs(batch, dist.device), mode, weights)
         if not math.isfinite(values["loss_total"]):
             raise FloatingPointError(f"phase {settings.index}: loss is {values['loss_total']} at step {step}")
-        values["lr"] = scheduler.get_last_lr()[0]
+        values["lr"] = trainer.lr
+        # from batch to batch: the wait for input counts, so a starved GPU shows here
         values["samples_per_s"] = settings.batch_size / (time.perf_counter() - step_tic)
+        step_tic = time.perf_counter()
         history.append({"step": step, "mode": mode, **values})
         if job is not None:
             job.log_metrics(values, step=step)
         progress.set_postfix(loss=f"{values['loss_total']:.3f}", refresh=False)  # tqdm prints every mininterval
-        if dist.is_main and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
-            with atomic_path(partial) as tmp:
-                torch.save(
-                    {
-                        "settings": asdict(settings),
-                        "previous": str(previous_checkpoint),
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state(),
-                        "step": step + 1,
-                        "history": history,
-                    },
-                    tmp,
-                )
+        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+            trainer.save_partial(partial, step=step + 1, identity=identity, history=history)
 
     summary = {
         "phase": settings.index,
@@ -432,9 +395,9 @@ def run_phase(
     summary.update(_grounding(model, records, bank, tokenizer, settings))
     checkpoint.update(
         model=model.state_dict(),
-        optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(),
-        rng=_rng_state(),
+        optimizer=trainer.optimizer.state_dict(),
+        scheduler=trainer.scheduler.state_dict(),
+        rng={"torch": torch.get_rng_state()},
         step=settings.steps,
         history=checkpoint.get("history", []) + [{"phase": settings.index, "mode": settings.mode, "summary": summary}],
     )
@@ -449,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     """Per-process entry point under torchrun: `python -m semvlp.pretrain ARGS.json`."""
     args = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     args["settings"] = PhaseSettings(**args["settings"])
+    args["loader"] = LoaderSettings(**args.get("loader", {}))
     run_phase(**args)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

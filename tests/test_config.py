@@ -48,6 +48,11 @@ def test_defaults_are_filled_in(default_config):
         (lambda c: c["model"].update(num_heads=3), "model.num_heads", "does not divide"),
         (lambda c: c["report"].update(variants=["semvlp", "nope"]), "report.variants.1", "not a variant"),
         (lambda c: c["data"].pop("root"), "data", "'root' is a required property"),
+        (lambda c: c.update(resources={"pretrain_phase": {"loader_workers": -1}}), "resources.pretrain_phase.loader_workers", "minimum"),
+        (lambda c: c["pretrain"]["phase"].update(accumulation_steps=3), "pretrain.phase.batch_size", "does not split over 1 GPU processes"),
+        (lambda c: c.update(resources={"pretrain_phase": {"gpu": 8}}) or c["pretrain"]["phase"].update(batch_size=12),
+         "pretrain.phase.batch_size", "does not split over 8 GPU processes"),
+        (lambda c: c["finetune"]["tasks"]["nlvr2"].update(checkpoint_every=0), "finetune.tasks.nlvr2.checkpoint_every", "minimum"),
     ],
 )
 def test_bad_values_name_the_key(default_config, mutate, key, words):

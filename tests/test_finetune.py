@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
 
 from semvlp.tasks import run_task
@@ -58,3 +66,52 @@ def test_auto_mode_is_the_mode_of_the_last_phase(tiny_run, tmp_path):
     assert outcomes["auto"]["mode"] == "two"
     assert outcomes["auto"]["train_loss_last"] == outcomes["two"]["train_loss_last"]
     assert outcomes["two"]["train_loss_last"] != outcomes["single"]["train_loss_last"]
+
+
+def finetune_process(results: Path, out_dir: Path) -> subprocess.Popen:
+    """NLVR2 fine-tuning in its own process, one thread, a partial checkpoint every 2 steps."""
+    nlvr2 = next((results / "data").rglob("nlvr2"))
+    call = dict(
+        checkpoint=str(results / "pretrain" / "semvlp" / "phase2.pt"),
+        files={"train_data": str(nlvr2 / "train.json"), "dev_data": str(nlvr2 / "dev.json")},
+        features_path=str(results / "features" / "nlvr2.h5"),
+        tokenizer_dir=str(results / "tokenizer"),
+        task_config=dict(train_split="train", eval_splits=["dev"], mode="single", epochs=3, batch_size=8, lr=1e-3,
+                         weight_decay=0.01, warmup_ratio=0.1, checkpoint_every=2),
+        seed=0,
+        max_text_length=24,
+        out_dir=str(out_dir),
+    )
+    script = (
+        "import json, sys; from semvlp.tasks import run_task; "
+        f"summary, _ = run_task('nlvr2', **json.loads({json.dumps(json.dumps(call))})); "
+        f"open({str(out_dir / 'summary.json')!r}, 'w').write(json.dumps(summary))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_finetuning_resumes_to_the_same_predictions(tiny_run, tmp_path):
+    results = tiny_run.workdir / "results"
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    reference = finetune_process(results, uninterrupted)
+    _, stderr = reference.communicate(timeout=600)
+    assert reference.returncode == 0, stderr
+
+    proc = finetune_process(results, killed)
+    partial = killed / "train.partial"
+    deadline = time.time() + 300
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists(), "fine-tuning finished or failed before its first partial checkpoint"
+    assert not (killed / "predictions_dev.csv").exists()
+
+    resumed = finetune_process(results, killed)
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    assert "resuming nlvr2 at step" in stdout
+    assert (killed / "predictions_dev.csv").read_text() == (uninterrupted / "predictions_dev.csv").read_text()
+    assert json.loads((killed / "summary.json").read_text()) == json.loads((uninterrupted / "summary.json").read_text())
+    assert not partial.exists()

@@ -20,7 +20,8 @@ from semvlp.data.corpus import CorpusRecord, write_corpus
 from semvlp.features import FeatureWriter, RegionRecord
 from semvlp.batching import RegionBank
 from semvlp.data.corpus import read_corpus
-from semvlp.pretrain import PhaseSettings, PretrainBatches, init_checkpoint, load_model, run_phase
+from semvlp.loader import LoaderSettings
+from semvlp.pretrain import PhaseSettings, PretrainBatches, batch_loader, init_checkpoint, load_model, run_phase
 from semvlp.tokenization import load_tokenizer
 from semvlp.tokenization import train_wordpiece
 
@@ -246,3 +247,118 @@ def test_initial_checkpoint_from_a_real_bert_checkpoint(world, tmp_path):
     assert report["init"] == str(minilm_dir()) and report["bert_loaded"] > 0 and report["bert_fresh"] > 0
     model, _ = load_model(tmp_path / "phase0.pt")
     assert model.config.hidden_size == 384 and model.config.num_layers == 6  # the checkpoint's sizes
+
+
+def test_workers_and_rank_rows_give_the_same_batches(world):
+    """A step's batch is the same with 0 or 2 loader workers, and a rank's rows are exactly those rows
+    of the batch one process builds."""
+    root = world["root"]
+    records = read_corpus(root / "corpus.jsonl")
+    bank = RegionBank({"coco": root / "coco.h5"}, box_dim=4)
+    batches = PretrainBatches(records, AnswerTable.load(root / "answers.json"), bank, load_tokenizer(root / "tokenizer"), settings("mixed"))
+    steps = range(3, 9)
+    device = torch.device("cpu")
+
+    def collected(rows, settings):  # copies: a batch's region features are valid until the next is taken
+        return [{k: v.clone() for k, v in batch.items()} for batch in batch_loader(batches, steps, rows, settings, device)]
+
+    in_process = collected(slice(None), LoaderSettings(num_workers=0))
+    in_workers = collected(slice(None), LoaderSettings(num_workers=2, prefetch_factor=1))
+    rank1 = collected(slice(1, None, 2), LoaderSettings(num_workers=0))
+    assert len(in_process) == len(in_workers) == len(rank1) == len(steps)
+    for whole, built_elsewhere, odd in zip(in_process, in_workers, rank1):
+        assert whole.keys() == built_elsewhere.keys() == odd.keys()
+        for name, values in whole.items():
+            assert torch.equal(values, built_elsewhere[name]), name
+            assert torch.equal(values[1::2], odd[name]), name
+        assert whole["region_feats"].dtype == torch.float32  # this store's dtype (the writer's float32)
+    assert any(not torch.equal(a["region_feats"], b["region_feats"]) for a, b in zip(in_process, in_process[1:]))
+
+
+def test_under_torchrun_each_rank_reads_only_its_rows(world, tmp_path):
+    """2 gloo processes: each rank's feature reads are half of the batch rows, in loader workers too."""
+    root = world["root"]
+    args = dict(
+        previous_checkpoint=str(root / "phase0.pt"), out_checkpoint=str(tmp_path / "phase1.pt"),
+        metrics_path=str(tmp_path / "phase1.metrics.json"), corpus_path=str(root / "corpus.jsonl"),
+        answers_path=str(root / "answers.json"), tokenizer_dir=str(root / "tokenizer"),
+        feature_paths={"coco": str(root / "coco.h5")}, settings=asdict(settings("single", steps=6, checkpoint_every=100)),
+        loader={"num_workers": 1, "prefetch_factor": 2},
+    )
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    # counts the rows every FeatureReader.gather call reads, in the rank and in its loader worker, until
+    # the end-of-phase diagnostic (rank 0 alone reads its sample)
+    (tmp_path / "counting.py").write_text(
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from semvlp import features, pretrain\n"
+        "log = Path(sys.argv[2]) / f\"reads{os.environ['RANK']}.txt\"\n"
+        "gather = features.FeatureReader.gather\n"
+        "def counted(self, rows, out):\n"
+        "    with open(log, 'a') as f:\n"
+        "        f.write(f'{len(rows)}\\n')\n"
+        "    return gather(self, rows, out)\n"
+        "features.FeatureReader.gather = counted\n"
+        "grounding = pretrain._grounding\n"
+        "def uncounted(*args, **kwargs):\n"
+        "    features.FeatureReader.gather = gather\n"
+        "    return grounding(*args, **kwargs)\n"
+        "pretrain._grounding = uncounted\n"
+        "pretrain.main([sys.argv[1]])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "counting.py"), str(tmp_path / "args.json"), str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        reads = [int(n) for n in (tmp_path / f"reads{rank}.txt").read_text().split()]
+        assert reads == [4] * 6, (rank, reads)  # 6 steps of batch 8, 4 rows per rank
+
+
+def test_gradient_accumulation_matches_the_whole_batch(world, tmp_path):
+    """Micro-batches of 2 x 4 rows step like one batch of 8: each term's mean is the whole batch's."""
+    root = world["root"]
+    checkpoint = torch.load(root / "phase0.pt", weights_only=False)
+    checkpoint["model_config"]["dropout"] = 0.0  # dropout masks differ with the micro-batch shapes
+    torch.save(checkpoint, tmp_path / "phase0.pt")
+    runs = {}
+    for parts in (1, 2):
+        out = tmp_path / f"parts{parts}"
+        run_phase(
+            previous_checkpoint=tmp_path / "phase0.pt", out_checkpoint=out / "phase1.pt", metrics_path=out / "phase1.metrics.json",
+            corpus_path=root / "corpus.jsonl", answers_path=root / "answers.json", tokenizer_dir=root / "tokenizer",
+            feature_paths={"coco": root / "coco.h5"},
+            settings=PhaseSettings(**{**asdict(settings("mixed", steps=10, checkpoint_every=100)), "accumulation_steps": parts}),
+        )
+        runs[parts] = [h["loss_total"] for h in history(out)]
+    np.testing.assert_allclose(runs[2], runs[1], rtol=1e-4)
+
+
+def test_a_batch_that_does_not_split_is_refused(world, tmp_path):
+    with pytest.raises(ValueError, match="batch size 8 does not split over 1 processes x 3 accumulation steps"):
+        phase(world, tmp_path, PhaseSettings(**{**asdict(settings()), "accumulation_steps": 3}))
+    with pytest.raises(ValueError, match="num_workers >= 0"):
+        LoaderSettings(num_workers=-1)
+
+
+def test_tokenized_text_gives_what_the_tokenizer_gives_on_real_captions():
+    """Conceptual Captions (real excerpt) through a real BERT vocabulary, truncated at 12: the
+    tokenise-once arrays give exactly the per-batch tokenizer call's ids and masks."""
+    from test_model import minilm_dir
+
+    from conftest import REPO
+    from semvlp.batching import TokenizedText, encode_text
+
+    excerpt = REPO.parent / "shared" / "realdata" / "conceptual_captions" / "Validation_GCC-1.1.0-Validation.first3000.tsv"
+    if not excerpt.is_file():
+        pytest.skip(f"no real excerpt at {excerpt}")
+    captions = [line.split("\t")[0] for line in excerpt.read_text(encoding="utf-8").splitlines()[:600]]
+    tokenizer = load_tokenizer(minilm_dir())
+    text = TokenizedText(tokenizer, captions, 12, chunk=256)
+    rows = np.random.default_rng(0).integers(0, len(captions), 64)
+    expected = encode_text(tokenizer, [captions[i] for i in rows], 12)
+    got = text.batch(rows)
+    for name in ("input_ids", "text_mask", "special_tokens_mask"):
+        assert torch.equal(got[name], expected[name]), name
+    assert (text.lengths == 12).any() and (text.lengths < 12).any()  # some truncated, some padded

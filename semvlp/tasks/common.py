@@ -8,7 +8,8 @@ encoder. On the CPU everything stays float32.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -16,7 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from semvlp.batching import RegionBank, encode_text, encoder_inputs
-from semvlp.pretrain import autocast, default_device, load_model
+from semvlp.engine import OptimizerSettings, Trainer, autocast, file_stamp
+from semvlp.pretrain import load_model
 
 
 @dataclass
@@ -31,6 +33,8 @@ class TaskSettings:
     warmup_ratio: float
     seed: int
     max_text_length: int
+    checkpoint_every: int = 500  # steps between partial checkpoints (a rerun resumes from the last)
+    accumulation_steps: int = 1  # micro-batches per optimiser step
     max_train_examples: int | None = None
 
     @classmethod
@@ -131,50 +135,79 @@ def batches_of(items: Sequence, size: int):
 def train(
     model: nn.Module,
     examples: Sequence,
-    loss_of_batch: Callable[[Sequence], torch.Tensor],
+    loss_of_batch: Callable[[Sequence, int], torch.Tensor],
     settings: TaskSettings,
     job=None,
     desc: str = "fine-tune",
+    *,
+    partial: str | Path,
+    identity: dict[str, Any],
+    generators: dict[str, torch.Generator] | None = None,
 ) -> list[float]:
-    """AdamW with linear warm-up and decay over `epochs` passes of shuffled examples; returns losses.
+    """AdamW with linear warm-up and decay over `epochs` passes of shuffled examples; returns the loss
+    of every step. loss_of_batch(examples, step) is the mean loss of those examples.
 
-    Moves `model` to the fine-tuning device, where it stays for evaluation.
+    Every `settings.checkpoint_every` steps the training state goes to `partial`; a rerun with the same
+    `identity` (with the settings added) resumes there and ends as an uninterrupted run would: the
+    epoch orders are replayed from the seed, the RNG and the task's `generators` restored.
+    Moves `model` to the fine-tuning device, where it stays for evaluation; `partial` is removed at the end.
     """
-    device = default_device()
-    model.to(device)
-    generator = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)
     steps_per_epoch = (len(examples) + settings.batch_size - 1) // settings.batch_size
     total = steps_per_epoch * settings.epochs
-    warmup = max(1, int(total * settings.warmup_ratio))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    optimizer_settings = OptimizerSettings(
+        steps=total, lr=settings.lr, weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
+        accumulation_steps=settings.accumulation_steps,
     )
+    trainer = Trainer(model, optimizer_settings, generators=generators)
+    order_generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    identity = {**identity, "settings": asdict(settings), "examples": len(examples)}
+    start, losses = trainer.resume(partial, identity) or (0, [])
+    if start:
+        print(f"resuming {desc} at step {start} of {total} from {partial}")
     model.train()
-    losses: list[float] = []
-    progress = tqdm(total=total, desc=desc, mininterval=5)
-    step = 0
+    progress = tqdm(total=total, initial=start, desc=desc, mininterval=5)
     for epoch in range(settings.epochs):
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for chunk in batches_of(order, settings.batch_size):
+        # drawn for every epoch, also those a resume skips, so the orders replay from the seed
+        order = torch.randperm(len(examples), generator=order_generator).tolist()
+        for index, chunk in enumerate(batches_of(order, settings.batch_size)):
+            step = epoch * steps_per_epoch + index
+            if step < start:
+                continue
             tic = time.perf_counter()
-            with autocast(device):
-                loss = loss_of_batch([examples[i] for i in chunk])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+            micro_chunks = [part for part in chunks_of(chunk, settings.accumulation_steps) if part]
+
+            def loss_of(micro):
+                loss = loss_of_batch([examples[i] for i in micro], step)
+                if len(micro_chunks) > 1:  # each micro-batch's mean weighs by its share of the batch
+                    loss = loss * (len(micro) / len(chunk))
+                return loss, loss.item()
+
+            losses.append(sum(trainer.step(micro_chunks, loss_of)))
             if job is not None:
                 job.log_metrics(
-                    {"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0], "samples_per_s": len(chunk) / (time.perf_counter() - tic)},
+                    {"train_loss": losses[-1], "lr": trainer.lr, "samples_per_s": len(chunk) / (time.perf_counter() - tic)},
                     step=step,
                 )
-            step += 1
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}", refresh=False)  # printed every mininterval
+            if (step + 1) % settings.checkpoint_every == 0 and step + 1 < total:
+                trainer.save_partial(partial, step=step + 1, identity=identity, history=losses)
     progress.close()
     model.eval()
+    Path(partial).unlink(missing_ok=True)
     return losses
+
+
+def resume_point(out_dir: str | Path, checkpoint: str | Path, **task_values) -> dict[str, Any]:
+    """train()'s `partial` (in the job's output folder) and `identity` (the pre-trained checkpoint's
+    version and the task's own settings) for a task."""
+    return {"partial": Path(out_dir) / "train.partial", "identity": {"checkpoint": file_stamp(checkpoint), **task_values}}
+
+
+def chunks_of(items: Sequence, parts: int) -> list[Sequence]:
+    """`items` cut into `parts` consecutive pieces of (nearly) equal size; some are empty when there
+    are fewer items than parts."""
+    size, extra = divmod(len(items), parts)
+    bounds = [part * size + min(part, extra) for part in range(parts + 1)]
+    return [items[bounds[part] : bounds[part + 1]] for part in range(parts)]

@@ -13,7 +13,7 @@ from semvlp.data.answers import AnswerTable
 from semvlp.data.formats import load_gqa
 from semvlp.io import write_json
 from semvlp.metrics import evaluate_gqa
-from semvlp.tasks.common import AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, train
+from semvlp.tasks.common import AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, resume_point, train
 
 IMAGE_SET = "gqa"
 
@@ -29,12 +29,12 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
     model = AnswerClassifier(encoder, len(table))
     make_batch = question_batcher(bank, IMAGE_SET, tokenizer, settings.max_text_length)
 
-    def loss_of_batch(chunk):
+    def loss_of_batch(chunk, step):
         logits = model(make_batch(chunk))
         labels = torch.tensor([table.index[q.answer] for q in chunk], device=logits.device)
         return nn.functional.cross_entropy(logits, labels)
 
-    losses = train(model, examples, loss_of_batch, settings, job, desc="gqa")
+    losses = train(model, examples, loss_of_batch, settings, job, desc="gqa", **resume_point(out_dir, checkpoint, task="gqa"))
     results = {}
     for split in settings.eval_splits:
         path = files[f"{split}_questions"]

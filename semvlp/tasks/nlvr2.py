@@ -11,7 +11,7 @@ from semvlp.batching import RegionBank, encode_text
 from semvlp.data.formats import load_nlvr2
 from semvlp.io import write_text
 from semvlp.metrics import evaluate_nlvr2
-from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, classifier_head, device_of, train
+from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, classifier_head, device_of, resume_point, train
 
 IMAGE_SET = "nlvr2"
 
@@ -43,12 +43,12 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
         right.update(text)
         return left, right
 
-    def loss_of_batch(chunk):
+    def loss_of_batch(chunk, step):
         logits = model(*make_batches(chunk))
         labels = torch.tensor([int(e.label) for e in chunk], device=logits.device)
         return nn.functional.cross_entropy(logits, labels)
 
-    losses = train(model, examples, loss_of_batch, settings, job, desc="nlvr2")
+    losses = train(model, examples, loss_of_batch, settings, job, desc="nlvr2", **resume_point(out_dir, checkpoint, task="nlvr2"))
     results = {}
     for split in settings.eval_splits:
         path = files[f"{split}_data"]

@@ -23,7 +23,7 @@ from semvlp.batching import RegionBank, encode_text
 from semvlp.data.formats import load_flickr30k
 from semvlp.io import atomic_path
 from semvlp.metrics import evaluate_retrieval
-from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, device_of, train
+from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, device_of, resume_point, train
 
 IMAGE_SET = "flickr30k"
 EVAL_PAIRS_PER_BATCH = 512
@@ -84,7 +84,6 @@ def run(
     pair_inputs = PairInputs(bank, tokenizer, settings.max_text_length, [image.img_id for image in images])
     generator = torch.Generator().manual_seed(settings.seed + 7)
     steps_per_epoch = (len(captions) + settings.batch_size - 1) // settings.batch_size
-    step = 0
 
     def other_images(image: int, count: int) -> list[int]:
         return draw_excluding(len(images), count, lambda i: i == image, generator)
@@ -102,7 +101,7 @@ def run(
         model.train(was_training)
         return [s.topk(min(count, len(s))).indices.tolist() for s in scores.split([len(pool) for pool in pools])]
 
-    def negatives_for(chunk) -> tuple[list[list[int]], list[list[int]]]:
+    def negatives_for(chunk, step: int) -> tuple[list[list[int]], list[list[int]]]:
         """Per (caption, image) of the chunk: negative image indices, negative caption indices."""
         mine = hard_negatives and step // steps_per_epoch >= hard_negatives_from_epoch
         image_pools = [other_images(image, candidate_pool if mine else negatives) for _, image in chunk]
@@ -119,9 +118,8 @@ def run(
             [[pool[k] for k in top[:caption_negatives]] for pool, top in zip(caption_pools, caption_best)],
         )
 
-    def loss_of_batch(chunk):
-        nonlocal step
-        image_negatives, text_negatives = negatives_for(chunk)
+    def loss_of_batch(chunk, step):
+        image_negatives, text_negatives = negatives_for(chunk, step)
         texts = [text for text, _ in chunk]
         image_ids = [image for _, image in chunk]
         for (text, image), others in zip(chunk, image_negatives):
@@ -131,7 +129,6 @@ def run(
         for (text, image), others in zip(chunk, text_negatives):
             texts += padded([captions[c][0] for c in others], caption_negatives, text)
             image_ids += [image] * caption_negatives
-        step += 1
         scores = model(pair_inputs(texts, image_ids))
         positive, by_image, by_caption = scores.split([len(chunk), len(chunk) * negatives, len(chunk) * caption_negatives])
         target = torch.zeros(len(chunk), dtype=torch.long, device=scores.device)
@@ -142,7 +139,11 @@ def run(
             loss = (loss + nn.functional.cross_entropy(captions_ranked, target)) / 2
         return loss
 
-    losses = train(model, captions, loss_of_batch, settings, job, desc="retrieval")
+    resume = resume_point(
+        out_dir, checkpoint, task="retrieval", negatives=negatives, caption_negatives=caption_negatives,
+        hard_negatives=hard_negatives, candidate_pool=candidate_pool, hard_negatives_from_epoch=hard_negatives_from_epoch,
+    )
+    losses = train(model, captions, loss_of_batch, settings, job, desc="retrieval", generators={"negatives": generator}, **resume)
     results = {}
     for split in settings.eval_splits:
         scores_path = out_dir / f"scores_{split}.npy"

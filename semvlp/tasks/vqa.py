@@ -15,7 +15,7 @@ from semvlp.data.formats import load_vqa
 from semvlp.errors import InputError
 from semvlp.io import write_json
 from semvlp.metrics import evaluate_vqa, normalize_vqa_answer
-from semvlp.tasks.common import AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, train
+from semvlp.tasks.common import AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, resume_point, train
 
 IMAGE_SET = "coco"
 
@@ -26,21 +26,28 @@ def answer_table(questions, min_count: int) -> AnswerTable:
     return AnswerTable.from_counts(counts, min_count)
 
 
-def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None, min_answer_count: int = 9):
-    out_dir = Path(out_dir)
-    split = settings.train_split
-    train_questions = load_vqa(files[f"{split}_questions"], files[f"{split}_annotations"])
-    table = answer_table(train_questions, min_answer_count)
+def training_examples(questions_path, annotations_path, min_answer_count: int) -> tuple[AnswerTable, list]:
+    """The answer table of a training split and its examples: (question, answer indices, soft scores)
+    for every question with an answer in the table."""
+    questions = load_vqa(questions_path, annotations_path)
+    table = answer_table(questions, min_answer_count)
     if len(table) == 0:
-        raise InputError(f"no answer occurs {min_answer_count} times (finetune.tasks.vqa.min_answer_count)", files[f"{split}_annotations"])
+        raise InputError(f"no answer occurs {min_answer_count} times (finetune.tasks.vqa.min_answer_count)", annotations_path)
     # sparse soft targets, (answer indices, scores) per question: a dense vector each would take
     # 443,757 x 3,129 x 4 B ~ 5.5 GB on VQA v2 train
     examples = []
-    for q in train_questions:
+    for q in questions:
         scored = [(table.index[answer], score) for answer, score in vqa_targets(q.answers).items() if answer in table.index and score > 0]
         if scored:  # questions with no answer in the table teach nothing
             indices, scores = zip(*scored)
             examples.append((q, np.array(indices, np.int32), np.array(scores, np.float32)))
+    return table, examples
+
+
+def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None, min_answer_count: int = 9):
+    out_dir = Path(out_dir)
+    split = settings.train_split
+    table, examples = training_examples(files[f"{split}_questions"], files[f"{split}_annotations"], min_answer_count)
     examples = examples[: settings.max_train_examples]
 
     encoder = Encoder(checkpoint, settings.mode)
@@ -48,7 +55,7 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
     model = AnswerClassifier(encoder, len(table))
     make_batch = question_batcher(bank, IMAGE_SET, tokenizer, settings.max_text_length)
 
-    def loss_of_batch(chunk):
+    def loss_of_batch(chunk, step):
         logits = model(make_batch([q for q, _, _ in chunk]))
         targets = torch.zeros(len(chunk), len(table))  # [B, A], dense for this batch only
         for row, (_, indices, scores) in enumerate(chunk):
@@ -57,7 +64,10 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
         # summed over answers, as LXMERT does, so the loss does not shrink with the table size
         return nn.functional.binary_cross_entropy_with_logits(logits, targets) * logits.size(1)
 
-    losses = train(model, examples, loss_of_batch, settings, job, desc="vqa")
+    losses = train(
+        model, examples, loss_of_batch, settings, job, desc="vqa",
+        **resume_point(out_dir, checkpoint, task="vqa", min_answer_count=min_answer_count),
+    )
     results = {}
     for split in settings.eval_splits:
         questions_path, annotations_path = files[f"{split}_questions"], files[f"{split}_annotations"]

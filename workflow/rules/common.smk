@@ -85,8 +85,8 @@ CODE = {
     "corpus": code_fingerprint("semvlp.data", "semvlp.metrics"),
     "tokenizer": code_fingerprint("semvlp.tokenization"),
     "regions": code_fingerprint("semvlp.regions", "semvlp.features"),
-    "model": code_fingerprint("semvlp.model", "semvlp.objectives", "semvlp.pretrain", "semvlp.batching"),
-    "tasks": code_fingerprint("semvlp.model", "semvlp.tasks", "semvlp.batching", "semvlp.metrics", "semvlp.data"),
+    "model": code_fingerprint("semvlp.model", "semvlp.objectives", "semvlp.pretrain", "semvlp.batching", "semvlp.engine", "semvlp.loader"),
+    "tasks": code_fingerprint("semvlp.model", "semvlp.tasks", "semvlp.batching", "semvlp.metrics", "semvlp.data", "semvlp.engine", "semvlp.pretrain"),
     "report": code_fingerprint("semvlp.report"),
 }
 

@@ -65,7 +65,9 @@ rule pretrain_phase:
     threads: 2
     priority: CHAIN_PRIORITY
     resources:
-        **rule_resources("pretrain_phase", mem_mb=8000, runtime=600, gpu=0),
+        # loader_*: DataLoader workers building batches (per GPU process); not a rerun trigger, as
+        # every setting gives the same batches. paper.yaml sets them under resources.pretrain_phase.
+        **rule_resources("pretrain_phase", mem_mb=8000, runtime=600, gpu=0, loader_workers=0, loader_prefetch=2),
     conda:
         ENV
     script:
