@@ -2,19 +2,20 @@
 
 Writes once, into --cache-dir, a sharded feature store of N images (8 shard files and the store index
 that `index_regions` writes), a caption corpus of 5 sentences per image and a WordPiece vocabulary.
-Then, with the page cache warm, times `semvlp.pretrain.PretrainBatches`, the batch of one step as
-training builds it (image-text mismatches, region gather through the store's memory maps, box
-geometry, tokenisation, token and region masking, targets), for --steps steps in this process.
+Then, with the page cache warm, times the batches of --steps steps as a phase's loader delivers them
+to the training loop (`semvlp.pretrain.batch_loader` over `PretrainBatches`: image-text mismatches,
+region gather through the store's memory maps, box geometry, tokenisation, token and region masks,
+targets) with --workers DataLoader worker processes (0: built in this process). Features stay float16;
+zeroing the masked regions happens on the training device and is not timed here.
 
 Figures (samples/s):
-* samples_per_s: the real batch path, in this process (`workers`: 0; training builds batches in the
-  step loop, no DataLoader workers yet);
+* samples_per_s: the batches the training loop receives, with `workers` worker processes;
 * ceiling_samples_per_s: a gather of the same bytes from an in-memory float16 array in this process;
 * h200_need_samples_per_s: what one H200 consumes at 40 % of 989 TFLOP/s on the base-size step,
   33.6 GFLOP per sample forward + backward (benchmarks/train_throughput.py --sizes base: 1075.8 GFLOP
   per step of 32 at 20 words and 36 regions).
 
-    python benchmarks/input_pipeline.py --images 4000 --batch-size 256
+    python benchmarks/input_pipeline.py --images 4000 --batch-size 256 --workers 2
 
 The last line is one JSON object with these figures.
 """
@@ -30,12 +31,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from semvlp.batching import RegionBank
 from semvlp.data.answers import AnswerTable
-from semvlp.data.corpus import CorpusRecord
+from semvlp.data.corpus import Corpus, CorpusRecord
 from semvlp.features import FeatureWriter, RegionRecord, write_store_index
-from semvlp.pretrain import PhaseSettings, PretrainBatches
+from semvlp.loader import LoaderSettings
+from semvlp.pretrain import PhaseSettings, PretrainBatches, batch_loader
 from semvlp.tokenization import load_tokenizer, train_wordpiece
 
 BOXES, DIM, SHARDS = 36, 2048, 8
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0: in this process)")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/semvlp-bench"))
     args = parser.parse_args(argv)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rng = np.random.default_rng(1)
     sentences = [" ".join(rng.choice(WORDS, int(rng.integers(6, 15)))) for _ in range(5 * args.images)]
-    records = [CorpusRecord("coco", f"img{i // 5:07d}", s, None, "coco_captions") for i, s in enumerate(sentences)]
+    records = Corpus.from_records([CorpusRecord("coco", f"img{i // 5:07d}", s, None, "coco_captions") for i, s in enumerate(sentences)])
     vocab = args.cache_dir / "tokenizer"
     if not (vocab / "vocab.txt").is_file():
         train_wordpiece(sentences[:2000], 200, vocab)
@@ -91,11 +95,15 @@ def main(argv: list[str] | None = None) -> None:
         region_mask_prob=0.15, itm_mismatch_ratio=0.5, max_text_length=20, seed=0,
     )
     batches = PretrainBatches(records, AnswerTable([]), bank, load_tokenizer(vocab), settings)
-    for step in range(3):  # warm the page cache and the mappings
+    for step in range(3):  # warm the page cache
         batches(step)
+    loader = batch_loader(batches, range(args.steps + 2 * args.workers), slice(None), LoaderSettings(num_workers=args.workers), torch.device("cpu"))
+    batches_in = iter(loader)
+    for _ in range(2 * args.workers):  # timed once every worker has started and delivered
+        next(batches_in)
     tic = time.perf_counter()
-    for step in range(args.steps):
-        batches(step)
+    for batch in batches_in:
+        assert batch["region_feats"].shape[0] == args.batch_size
     samples_per_s = args.steps * args.batch_size / (time.perf_counter() - tic)
 
     memory = bank.readers["coco"].read_rows(range(args.images))["features"]  # (N, 36, 2048) float16
@@ -106,11 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     ceiling = args.steps * args.batch_size / (time.perf_counter() - tic)
 
     print(f"pre-training batch path, {args.images} images x {BOXES} x {DIM} float16 in {SHARDS} shards, batch {args.batch_size}")
-    print(f"  real batch path, in process : {samples_per_s:10,.0f} samples/s")
+    print(f"  real batch path, {args.workers} workers  : {samples_per_s:10,.0f} samples/s")
     print(f"  in-memory float16 gather    : {ceiling:10,.0f} samples/s (ceiling)")
     print(f"  one H200 at 40 % MFU needs  : {H200_NEED:10,.0f} samples/s")
     print(f"  cpu: {os.cpu_count()} cores; reproduce: python benchmarks/input_pipeline.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
-    print(json.dumps({"samples_per_s": round(samples_per_s), "workers": 0, "ceiling_samples_per_s": round(ceiling),
+    print(json.dumps({"samples_per_s": round(samples_per_s), "workers": args.workers, "ceiling_samples_per_s": round(ceiling),
                       "h200_need_samples_per_s": round(H200_NEED), "images": args.images, "batch_size": args.batch_size}))
 
 

@@ -13,6 +13,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import input_pipeline  # noqa: E402
+import paper_scale_memory  # noqa: E402
 import train_throughput  # noqa: E402
 
 pytest.importorskip("transformers")
@@ -60,10 +61,20 @@ def test_heads_everywhere_costs_more_flops():
     assert flops[True] > flops[False] + at_least_ten_more_tokens
 
 
-def test_input_pipeline_benchmark_reads_a_sharded_store(tmp_path, capsys):
-    input_pipeline.main(["--images", "16", "--batch-size", "8", "--steps", "2", "--cache-dir", str(tmp_path)])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_input_pipeline_benchmark_reads_a_sharded_store(tmp_path, capsys, workers):
+    input_pipeline.main(["--images", "16", "--batch-size", "8", "--steps", "2", "--workers", str(workers), "--cache-dir", str(tmp_path)])
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert figures["workers"] == 0 and figures["batch_size"] == 8
+    assert figures["workers"] == workers and figures["batch_size"] == 8
     assert figures["samples_per_s"] > 0 and figures["ceiling_samples_per_s"] > 0
     assert figures["h200_need_samples_per_s"] == round(0.4 * 989e12 / (1075.8e9 / 32))
     assert len(list((tmp_path / "store16").glob("shard*.h5"))) == 8
+
+
+def test_paper_scale_memory_benchmark_measures_both_preparations(tmp_path, capsys):
+    """At a small size: the official-format VQA files and the corpus load, in fresh processes."""
+    paper_scale_memory.main(["--questions", "2000", "--sentences", "5000", "--cache-dir", str(tmp_path)])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["corpus_sentences"] == 5000
+    assert figures["vqa_answers"] == 2000 // (2 * 9) and 0 < figures["vqa_examples"] <= 2000
+    assert figures["vqa_peak_rss_mb"] > 0 and figures["corpus_peak_rss_mb"] > 0
