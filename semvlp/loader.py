@@ -102,9 +102,6 @@ class StepLoader:
             prefetch_factor=settings.prefetch_factor if workers else None, pin_memory=device.type == "cuda",
         )
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         previous = None
         for batch in self.loader:

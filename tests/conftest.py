@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,3 +47,12 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     result = run_snakemake(workdir, "results/all.tsv", "--cores", "4", "--configfile", TINY, timeout=1500)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     return TinyRun(workdir, time.perf_counter() - start)
+
+
+def kill_once_written(proc, path: Path, timeout: float = 300) -> None:
+    """SIGKILL `proc` as soon as `path` exists (or once it exits or `timeout` passes), and reap it."""
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

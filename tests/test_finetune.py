@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from conftest import kill_once_written
 from semvlp.tasks import run_task
 from semvlp.tasks.common import trained_mode
 
@@ -100,11 +99,7 @@ def test_killed_finetuning_resumes_to_the_same_predictions(tiny_run, tmp_path):
 
     proc = finetune_process(results, killed)
     partial = killed / "train.partial"
-    deadline = time.time() + 300
-    while not partial.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written(proc, partial)
     assert partial.exists(), "fine-tuning finished or failed before its first partial checkpoint"
     assert not (killed / "predictions_dev.csv").exists()
 

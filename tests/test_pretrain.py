@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import kill_once_written
 from semvlp.data.answers import AnswerTable
 from semvlp.data.corpus import CorpusRecord, write_corpus
 from semvlp.features import FeatureWriter, RegionRecord
@@ -174,11 +173,7 @@ def test_killed_phase_resumes_to_the_same_final_loss(world, tmp_path):
 
     proc = phase_process(world, killed, steps)
     partial = killed / "phase1.pt.partial"
-    deadline = time.time() + 300
-    while not partial.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written(proc, partial)
     assert partial.exists(), "the phase finished or failed before its first periodic checkpoint"
     assert not (killed / "phase1.pt").exists()
 
