@@ -477,8 +477,7 @@ class FeatureReader:
             positions = None if inside.all() else np.flatnonzero(inside)
             local = rows[inside] - source.start
             for name in ROW_ARRAYS:
-                target = out[name]
-                source.read_into(name, local, target if target.shape[1] == self.max_boxes else target[:, : self.max_boxes], positions)
+                source.read_into(name, local, out[name][:, : self.max_boxes], positions)
 
     def _open(self) -> list[_SourceFile]:
         """This process's open files (the file itself, or a store's shards), opened on first use and

@@ -175,7 +175,9 @@ def train(
             if step < start:
                 continue
             tic = time.perf_counter()
-            micro_chunks = [part for part in chunks_of(chunk, settings.accumulation_steps) if part]
+            # dealt as pre-training deals its rows (engine.split_rows); fewer examples than parts leave some empty
+            parts = settings.accumulation_steps
+            micro_chunks = [chunk[part::parts] for part in range(parts) if chunk[part::parts]]
 
             def loss_of(micro):
                 loss = loss_of_batch([examples[i] for i in micro], step)
@@ -203,11 +205,3 @@ def resume_point(out_dir: str | Path, checkpoint: str | Path, **task_values) -> 
     """train()'s `partial` (in the job's output folder) and `identity` (the pre-trained checkpoint's
     version and the task's own settings) for a task."""
     return {"partial": Path(out_dir) / "train.partial", "identity": {"checkpoint": file_stamp(checkpoint), **task_values}}
-
-
-def chunks_of(items: Sequence, parts: int) -> list[Sequence]:
-    """`items` cut into `parts` consecutive pieces of (nearly) equal size; some are empty when there
-    are fewer items than parts."""
-    size, extra = divmod(len(items), parts)
-    bounds = [part * size + min(part, extra) for part in range(parts + 1)]
-    return [items[bounds[part] : bounds[part + 1]] for part in range(parts)]
