@@ -3,7 +3,7 @@
 
 from snakemake.exceptions import WorkflowError
 from semvlp import tracking
-from semvlp.config import ConfigError, validate_config
+from semvlp.config import ConfigError, path_problems, validate_config
 from semvlp.data.layout import missing_files_message
 
 
@@ -12,13 +12,19 @@ configfile: workflow.source_path("config/config.yaml")
 
 
 try:
-    validate_config(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
+    complete = validate_config(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+# the rules (and the jobs' view of the config) read the complete config: the schema's defaults filled in
+config.update(complete)
 
-# Real data (nothing generated here): stop before any job if an official file is missing.
+# Stop before any job if a file the config names is not there (model.init, detector files, TSVs) or,
+# with real data (nothing generated here), an official data file is missing.
+problems = path_problems(config)
 if not config["data"].get("generate") and (missing := missing_files_message(config)):
-    raise WorkflowError(missing)
+    problems.append(missing)
+if problems:
+    raise WorkflowError("\n".join(problems))
 
 
 wildcard_constraints:

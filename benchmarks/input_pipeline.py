@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = PhaseSettings(
         mode="single", index=1, steps=args.steps, batch_size=args.batch_size, lr=1e-4, warmup_ratio=0.1,
         weight_decay=0.01, checkpoint_every=1000, mixed_single_ratio=0.5, text_mask_prob=0.15,
-        region_mask_prob=0.15, itm_mismatch_ratio=0.5, max_text_length=20, seed=0,
+        region_mask_prob=0.15, itm_mismatch_ratio=0.5, max_text_length=20, seed=0, accumulation_steps=1,
+        itm_sources=("coco_captions",),
     )
     batches = PretrainBatches(records, AnswerTable([]), bank, load_tokenizer(vocab), settings)
     for step in range(3):  # warm the page cache

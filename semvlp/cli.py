@@ -7,6 +7,8 @@
     semvlp features import-tsv IN.tsv OUT.h5      semvlp features export-tsv IN.h5 OUT.tsv
     semvlp features info FILE.h5
     semvlp data generate ROOT [--seed N]           semvlp config validate CONFIG.yaml
+    semvlp predict vqa --model results/finetune/semvlp/vqa/seed0/model --data-root ROOT --split test2015
+        --features results/features/coco.h5 --out DIR [--evaluate]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from semvlp.data.layout import TASK_SOURCES
 from semvlp.errors import InputError
 
 
@@ -54,6 +57,17 @@ def _config(args) -> dict:
 
     load_config(args.config)
     return {"config": str(args.config), "valid": True}
+
+
+def _predict(args) -> dict:
+    from semvlp.data.layout import task_files
+    from semvlp.tasks import predict_task
+
+    files = task_files(args.task, args.data_root, args.split, [])
+    return predict_task(
+        args.model, task=args.task, split=args.split, files=files, features_path=args.features, out_dir=args.out,
+        evaluate=args.evaluate,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("root", type=Path)
     gen.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=_data)
+
+    predict = commands.add_parser(
+        "predict", help="predict a split with a saved fine-tuned model (a finetune job's model/), without training"
+    )
+    predict.add_argument("task", choices=list(TASK_SOURCES))
+    predict.add_argument("--model", required=True, type=Path, help="the saved model directory")
+    predict.add_argument("--data-root", required=True, type=Path, help="the official files, named as data.root has them")
+    predict.add_argument("--split", required=True, help="e.g. test2015 (VQA), testdev (GQA), test1 (NLVR2), test")
+    predict.add_argument("--features", required=True, type=Path, help="the task's image set's HDF5 region features")
+    predict.add_argument("--out", required=True, type=Path, help="folder for the predictions file")
+    predict.add_argument("--evaluate", action="store_true", help="also score the predictions (needs the split's labels)")
+    predict.set_defaults(func=_predict)
 
     config = commands.add_parser("config", help="workflow configuration")
     config_actions = config.add_subparsers(dest="action", required=True)

@@ -52,11 +52,14 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 
 def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
-    """Check `config` against the schema and the rules a schema cannot say; fill in defaults in place.
+    """Check `config` against the schema and the rules a schema cannot say; return the complete config:
+    a copy with the schema's defaults filled in and the ablation's sweep variants added. The schema is
+    the one place of every default; `config` itself is left as it was.
 
     Raises ConfigError with one message naming the first offending key.
     """
     schema = yaml.safe_load(Path(schema_path).read_text())
+    config = copy.deepcopy(config)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
@@ -85,8 +88,7 @@ def _check_relations(config: dict[str, Any]) -> None:
         if missing:
             fail(f"regions.tsv.{missing[0]}", "no TSV file named for this image set")
     if backend == "torchvision":
-        tv = config["regions"].setdefault("torchvision", {"backbone": "tiny", "weights": None, "representation_size": 1024})
-        if tv.get("weights") is None and "train_detector" not in config["regions"]:
+        if config["regions"]["torchvision"]["weights"] is None and "train_detector" not in config["regions"]:
             fail("regions.torchvision.weights", "null (train a detector) needs a regions.train_detector section")
     model = config["model"]
     if model["hidden_size"] % model["num_heads"]:
@@ -107,7 +109,7 @@ def _check_relations(config: dict[str, Any]) -> None:
     for i, variant in enumerate(config["report"]["variants"]):
         if variant not in config["pretrain"]["variants"]:
             fail(f"report.variants.{i}", f"'{variant}' is not a variant in pretrain.variants")
-    ablation = config.setdefault("ablation", {"seeds": [0, 1, 2], "base_variant": "semvlp", "cross_layers": []})
+    ablation = config["ablation"]
     if ablation["cross_layers"] and ablation["base_variant"] not in config["pretrain"]["variants"]:
         fail("ablation.base_variant", f"'{ablation['base_variant']}' is not a variant in pretrain.variants")
     for i, k in enumerate(ablation["cross_layers"]):
@@ -125,6 +127,45 @@ def _add_sweep_variants(config: dict[str, Any]) -> None:
         variants.setdefault(
             f"{ablation['base_variant']}_k{k}", {"phases": list(base["phases"]), "model": {**base.get("model", {}), "cross_layers": k}}
         )
+
+
+# What a model.init directory must hold: a BERT-family checkpoint in transformers format.
+BERT_FILES = ("config.json", "vocab.txt")
+BERT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def path_problems(config: dict[str, Any]) -> list[str]:
+    """Every file or folder the config names outside the data root that is not there, one line each
+    ("config key 'K': PATH: problem"), so the workflow stops before any job (data files: layout)."""
+    problems = []
+
+    def need(key: str, path, kind: str = "file") -> bool:
+        path = Path(path)
+        exists = path.is_dir() if kind == "directory" else path.is_file()
+        if not exists:
+            problems.append(f"config key '{key}': {path}: no such {kind}")
+        return exists
+
+    init = config["model"]["init"]
+    if init != "scratch" and need("model.init", init, "directory"):
+        missing = [name for name in BERT_FILES if not (Path(init) / name).is_file()]
+        if not any((Path(init) / name).is_file() for name in BERT_WEIGHTS):
+            missing.append(" or ".join(BERT_WEIGHTS))
+        if missing:
+            problems.append(
+                f"config key 'model.init': {init}: no {', no '.join(missing)} "
+                f"(\"scratch\" or a BERT-family checkpoint directory in transformers format)"
+            )
+    regions = config["regions"]
+    if regions["backend"] == "torchvision" and regions["torchvision"]["weights"] is not None:
+        need("regions.torchvision.weights", regions["torchvision"]["weights"])
+    if regions["backend"] == "detectron2":
+        for key in ("config_file", "weights"):
+            need(f"regions.detectron2.{key}", regions["detectron2"][key])
+    if regions["backend"] == "tsv":
+        for image_set in regions["image_sets"]:
+            need(f"regions.tsv.{image_set}", regions["tsv"][image_set])
+    return problems
 
 
 def ablation_variants(config: dict[str, Any]) -> list[str]:

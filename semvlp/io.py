@@ -1,4 +1,4 @@
-"""Small I/O helpers shared by every stage: atomic writes, JSON files, code fingerprints."""
+"""Small I/O helpers shared by every stage: atomic writes (files and directories), JSON files, digests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -97,6 +98,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory next to `path`; it replaces `path` only if the block succeeds, so a
+    reader never sees a half-written directory (a killed job leaves a `.tmp-*` folder no rule names)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def write_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n")
@@ -125,20 +144,3 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def code_fingerprint(*modules: str) -> str:
-    """Digest of the source of the named `semvlp` modules (files or packages).
-
-    Rules put it in `params:` so that editing a stage's code reruns that stage's jobs.
-    """
-    package_dir = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for module in sorted(modules):
-        rel = module.removeprefix("semvlp").lstrip(".").replace(".", "/")
-        target = package_dir / rel
-        files = sorted(target.rglob("*.py")) if target.is_dir() else [target.with_suffix(".py")]
-        for file in files:
-            h.update(str(file.relative_to(package_dir)).encode())
-            h.update(file.read_bytes())
-    return h.hexdigest()[:16]

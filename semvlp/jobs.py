@@ -35,6 +35,7 @@ STAGES = {
     "init_model": "pretrain",
     "pretrain_phase": "pretrain",
     "finetune": "finetune",
+    "export_model": "report",
     "report": "report",
     "ablation_report": "report",
 }
@@ -287,6 +288,7 @@ def _finetune(smk, job):
         seed=seed,
         max_text_length=smk.params.max_text_length,
         out_dir=out_dir,
+        model_dir=smk.output.model,
         job=job,
     )
     job.set_tags({"semvlp.mode": summary["mode"]})  # `auto` resolved against the checkpoint
@@ -305,12 +307,32 @@ def _finetune(smk, job):
 # -------------------------------------------------------------------------------------------- report
 
 
+@handler("export_model")
+def _export_model(smk, job):
+    from semvlp.export import export_model
+
+    commit, dirty = tracking.git_state()
+    provenance = {"commit": commit, "dirty": dirty, "run_id": tracking.read_run_id(f"{smk.input.checkpoint}.run_id")}
+    job.set_tags({"semvlp.upstream_run_id": provenance["run_id"]})
+    summary = export_model(
+        smk.input.checkpoint,
+        smk.output[0],
+        variant=smk.wildcards.variant,
+        tokenizer_dir=Path(smk.input.tokenizer).parent,
+        finetune_metrics=list(smk.input.finetune),
+        recipe=dict(smk.params.recipe),
+        provenance=provenance,
+    )
+    job.log_metrics(summary)
+    job.log_artifact(Path(smk.output[0]) / "README.md")
+
+
 @handler("report")
 @handler("ablation_report")
 def _report(smk, job):
     from semvlp.report import write_tables
 
-    table = write_tables(list(smk.input), smk.params.variants, smk.output.tsv, smk.output.markdown)
+    table = write_tables(list(smk.input.metrics), smk.params.variants, smk.output.tsv, smk.output.markdown)
     job.log_metrics({"rows": len(table)})
     job.log_artifact(smk.output.tsv)
     job.log_artifact(smk.output.markdown)

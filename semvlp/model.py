@@ -29,6 +29,7 @@ V vocabulary, C object labels, A attribute labels, N answers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semvlp.errors import InputError
-from semvlp.io import read_json
+from semvlp.io import atomic_path, read_json, write_json
 
 Mode = Literal["single", "two"]
 MODES: tuple[str, ...] = ("single", "two")
@@ -508,7 +509,13 @@ class PreTrainingOutput:
 
 
 class SemVLPForPreTraining(nn.Module):
-    """The encoder plus the pre-training heads: masked LM, masked objects, image-text matching, image QA."""
+    """The encoder plus the pre-training heads: masked LM, masked objects, image-text matching, image QA.
+
+    Saved as safetensors (no pickle: loading a shared model cannot run code). `save_pretrained(dir)`
+    writes `config.json` and `model.safetensors` as Hugging Face models do; `save_checkpoint(path)`
+    writes one safetensors file with the config and any JSON metadata (answer table, phase history)
+    in its header, as the workflow's phases do.
+    """
 
     def __init__(self, config: SemVLPConfig):
         super().__init__()
@@ -566,11 +573,100 @@ class SemVLPForPreTraining(nn.Module):
         )
 
 
+    def save_pretrained(self, out_dir: str | Path, **metadata: Any) -> Path:
+        """`config.json` and `model.safetensors` (with `metadata` in its header) into `out_dir`."""
+        out_dir = Path(out_dir)
+        write_json(out_dir / CONFIG_NAME, self.config.to_dict(), indent=2)
+        save_weights(self, out_dir / WEIGHTS_NAME, self.config, **metadata)
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> SemVLPForPreTraining:
+        """The model `save_pretrained` wrote, in eval mode."""
+        model_dir = Path(model_dir)
+        config = SemVLPConfig.from_dict(read_json(model_dir / CONFIG_NAME), source=model_dir / CONFIG_NAME)
+        model = cls(config)
+        load_weights(model, model_dir / WEIGHTS_NAME)
+        return model.eval()
+
+    def save_checkpoint(self, path: str | Path, **metadata: Any) -> None:
+        save_weights(self, path, self.config, **metadata)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> tuple[SemVLPForPreTraining, dict[str, Any]]:
+        """The model of a `save_checkpoint` file, in eval mode, and the file's metadata (with its `config`)."""
+        metadata = read_weights_metadata(path)
+        model = cls(SemVLPConfig.from_dict(metadata["config"], source=path))
+        load_weights(model, path)
+        return model.eval(), metadata
+
+
 def _positions(positions: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
     """`positions` as a bool mask, checked against the [B, L] shape of the sequence it selects from."""
     if positions.shape != shape:
         raise ValueError(f"{name} has shape {tuple(positions.shape)}, expected {tuple(shape)}")
     return positions.bool()
+
+
+# ------------------------------------------------------------------------------------ saving, loading
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# The header key that marks a SemVLP weights file; its value is JSON: format, config, metadata.
+METADATA_KEY = "semvlp"
+WEIGHTS_FORMAT = 1
+
+
+def save_weights(module: nn.Module, path: str | Path, config: SemVLPConfig, **metadata: Any) -> None:
+    """`module`'s state dict as safetensors, with the model config and `metadata` (JSON values) in
+    the header; written atomically."""
+    from safetensors.torch import save
+
+    header = {"format": WEIGHTS_FORMAT, "config": config.to_dict(), **metadata}
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()}
+    # serialised in memory, then written by Python: a full disk or a refused write raises an OSError
+    # that atomic_path turns into one clear message
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(header)})
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_weights_metadata(path: str | Path) -> dict[str, Any]:
+    """The header metadata of a SemVLP safetensors file (format, config, ...); reads no tensor."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            header = file.metadata() or {}
+    except Exception as err:  # a pickle, a truncated or a corrupted file
+        raise InputError(f"not a safetensors file ({err})", path) from None
+    if METADATA_KEY not in header:
+        raise InputError(f"not a SemVLP weights file (no '{METADATA_KEY}' metadata in its header)", path)
+    try:
+        metadata = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise InputError(f"SemVLP metadata is not valid JSON ({err})", path) from None
+    if not isinstance(metadata, dict) or metadata.get("format") != WEIGHTS_FORMAT or "config" not in metadata:
+        raise InputError(f"unsupported SemVLP weights format (expected format {WEIGHTS_FORMAT} with a config)", path)
+    return metadata
+
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    """Load a safetensors file onto `module`, in place; every tensor must fit and none may be missing."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as err:
+        raise InputError(f"not a safetensors file ({err})", path) from None
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        problem = " ".join(str(err).split())
+        raise InputError(f"weights do not fit the model ({problem[:300]})", path) from None
 
 
 # --------------------------------------------------------------------------------------- BERT loading

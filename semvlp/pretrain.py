@@ -5,7 +5,9 @@ four objectives. Batches are a pure function of (seed, phase index, step), built
 worker processes (`LoaderSettings`; any number of workers gives the same batches): a phase killed
 mid-way resumes from its last periodic checkpoint (`<output>.partial`) and ends exactly where an
 uninterrupted run would (same seed, CPU). Each phase has its own optimiser and linear warm-up/decay
-schedule (semvlp.engine); the weights carry over from phase to phase.
+schedule (semvlp.engine); the weights carry over from phase to phase. A phase's checkpoint is one
+safetensors file (`SemVLPForPreTraining.save_checkpoint`): the weights, with the model config, the
+answer table and the phases so far in its header; no optimiser state, which the next phase would not use.
 
 Distributed: under `torchrun` (WORLD_SIZE > 1) each process builds and reads only its rows
 (every world_size-th) of the same global batch and DistributedDataParallel averages the gradients
@@ -34,7 +36,7 @@ from semvlp.data.corpus import CORPUS_SOURCES, Corpus, read_corpus
 from semvlp.diagnostics import grounding_report
 from semvlp.engine import Distributed, OptimizerSettings, Trainer, file_stamp, split_rows
 from semvlp.errors import InputError
-from semvlp.io import atomic_path, write_json
+from semvlp.io import write_json
 from semvlp.loader import LoaderSettings, StepLoader, numpy_dtype
 from semvlp.model import SemVLPConfig, SemVLPForPreTraining, load_bert_checkpoint
 from semvlp.objectives import LOSS_NAMES, LossWeights, head_positions, mask_regions, mask_tokens, pretraining_losses
@@ -64,7 +66,7 @@ def init_checkpoint(
         num_object_labels=num_objects,
         num_attribute_labels=num_attributes,
         num_answers=len(answers),
-        dropout=model_settings.get("dropout", 0.1),
+        dropout=model_settings["dropout"],
     )
     torch.manual_seed(seed)
     init = model_settings["init"]
@@ -77,8 +79,8 @@ def init_checkpoint(
             intermediate_size=model_settings["intermediate_size"],
             max_position_embeddings=max(64, model_settings["max_text_length"]),
             pad_token_id=tokenizer.pad_token_id,
-            type_vocab_size=model_settings.get("type_vocab_size", 0),
-            init_scheme=model_settings.get("init_scheme", "pytorch"),
+            type_vocab_size=model_settings["type_vocab_size"],
+            init_scheme=model_settings["init_scheme"],
             **sizes,
         )
         model = SemVLPForPreTraining(config)
@@ -88,23 +90,8 @@ def init_checkpoint(
         model = SemVLPForPreTraining(config)
         loaded = load_bert_checkpoint(model, init)
         report = {"init": str(init), "bert_loaded": len(loaded.loaded), "bert_fresh": len(loaded.fresh)}
-    checkpoint = {
-        "model_config": config.to_dict(),
-        "model": model.state_dict(),
-        "answers": list(answers.answers),
-        "tokenizer": str(tokenizer_dir),
-        "history": [],
-    }
-    with atomic_path(out_path) as tmp:
-        torch.save(checkpoint, tmp)
+    model.save_checkpoint(out_path, answers=list(answers.answers), init=report["init"], history=[])
     return {"parameters": sum(p.numel() for p in model.parameters()), **report}
-
-
-def load_model(checkpoint_path: str | Path) -> tuple[SemVLPForPreTraining, dict[str, Any]]:
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    model = SemVLPForPreTraining(SemVLPConfig.from_dict(checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint
 
 
 @dataclass
@@ -123,11 +110,11 @@ class PhaseSettings:
     itm_mismatch_ratio: float
     max_text_length: int
     seed: int
-    loss_weights: dict[str, float] = field(default_factory=dict)
-    accumulation_steps: int = 1  # micro-batches per optimiser step (the batch is dealt over them)
+    accumulation_steps: int  # micro-batches per optimiser step (the batch is dealt over them)
     # corpus sources whose sentences get an image-text matching label; a question does not describe
     # its image, so a mismatched image often fits it as well and its label would be noise
-    itm_sources: tuple[str, ...] = ("coco_captions",)
+    itm_sources: tuple[str, ...]
+    loss_weights: dict[str, float] = field(default_factory=dict)  # LossWeights' (all 1) where not given
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -333,7 +320,7 @@ def run_phase(
     """Train one phase; returns its summary metrics (also written to metrics_path)."""
     dist = Distributed.from_env()
     check_batch_split(settings.batch_size, dist.world_size, settings.accumulation_steps)
-    model, checkpoint = load_model(previous_checkpoint)
+    model, previous = SemVLPForPreTraining.from_checkpoint(previous_checkpoint)
     tokenizer = load_tokenizer(tokenizer_dir)
     answers = AnswerTable.load(answers_path)
     records = read_corpus(corpus_path)
@@ -393,16 +380,13 @@ def run_phase(
     if not dist.is_main:
         return summary
     summary.update(_grounding(model, records, bank, tokenizer, settings))
-    checkpoint.update(
-        model=model.state_dict(),
-        optimizer=trainer.optimizer.state_dict(),
-        scheduler=trainer.scheduler.state_dict(),
-        rng={"torch": torch.get_rng_state()},
-        step=settings.steps,
-        history=checkpoint.get("history", []) + [{"phase": settings.index, "mode": settings.mode, "summary": summary}],
+    # the weights and what they were trained on; the optimiser state is not kept: each phase starts its own
+    model.save_checkpoint(
+        out_checkpoint,
+        answers=previous["answers"],
+        init=previous["init"],
+        history=previous["history"] + [{"phase": settings.index, "mode": settings.mode, "summary": summary}],
     )
-    with atomic_path(out_checkpoint) as tmp:
-        torch.save(checkpoint, tmp)
     write_json(metrics_path, {"summary": summary, "history": history}, indent=None)
     partial.unlink(missing_ok=True)
     return summary

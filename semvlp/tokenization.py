@@ -79,3 +79,13 @@ def load_tokenizer(tokenizer_dir: str | Path) -> BertTokenizerFast:
     if missing:
         raise InputError(f"vocabulary lacks the special token(s) {missing}", vocab_path)
     return tokenizer
+
+
+def save_tokenizer(tokenizer: BertTokenizerFast, out_dir: str | Path) -> None:
+    """The tokenizer's files into `out_dir`, `vocab.txt` among them, so `load_tokenizer(out_dir)` loads it
+    (transformers 5 writes only tokenizer.json for a fast tokenizer)."""
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(str(out_dir))
+    tokens = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    with atomic_path(out_dir / VOCAB_FILE) as tmp:
+        tmp.write_text("".join(token + "\n" for token, _ in tokens), encoding="utf-8")

@@ -137,7 +137,7 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _git_state() -> tuple[str, str]:
+def git_state() -> tuple[str, str]:
     """(commit, "true"/"false" for uncommitted changes) of the repository holding this package."""
     repo_dir = Path(__file__).resolve().parent
     try:
@@ -165,7 +165,7 @@ def begin_invocation(config: dict[str, Any], targets: Sequence[str] = ()) -> str
     uri = tracking_uri(config)
     client = _client(config)
     experiment_id = _experiment_id(client, config["experiment"], _artifact_location(uri, config["experiment"]))
-    commit, dirty = _git_state()
+    commit, dirty = git_state()
     tags = {
         "semvlp.kind": "invocation",
         "semvlp.config_digest": config_digest(config),

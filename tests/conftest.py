@@ -27,6 +27,17 @@ def run_snakemake(workdir: Path, *args: str, timeout: int = 1200, env: dict | No
 TINY = str(REPO / "config" / "tiny.yaml")
 
 
+def task_config(task: str, **values) -> dict:
+    """A task's section of the validated default config (every key, the schema's defaults included),
+    with `values` set: what the finetune rule passes to run_task."""
+    import yaml
+
+    from semvlp.config import validate_config
+
+    config = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    return {**config["finetune"]["tasks"][task], **values}
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, TINY, run_snakemake
 from semvlp.config import ConfigError, validate_config
 
 
@@ -28,11 +28,43 @@ def test_default_and_tiny_configs_are_valid(default_config):
     validate_config(merged)
 
 
-def test_defaults_are_filled_in(default_config):
+def test_defaults_are_filled_into_a_copy(default_config):
     del default_config["regions"]["skip_bad_images"]
-    validate_config(default_config)
-    assert default_config["regions"]["skip_bad_images"] is False
-    assert default_config["finetune"]["tasks"]["gqa"]["weight_decay"] == 0.01
+    del default_config["regions"]["torchvision"]
+    del default_config["ablation"]
+    given = copy.deepcopy(default_config)
+    complete = validate_config(default_config)
+    assert default_config == given  # validation leaves the config it checks alone
+    assert complete["regions"]["skip_bad_images"] is False
+    assert complete["regions"]["torchvision"] == {"backbone": "tiny", "weights": None, "representation_size": 1024, "categories": None}
+    assert complete["finetune"]["tasks"]["gqa"]["weight_decay"] == 0.01
+    assert complete["ablation"] == {"seeds": [0, 1, 2], "base_variant": "semvlp", "cross_layers": []}
+
+
+def test_settings_take_every_schema_default_from_the_config():
+    """One source of each default: where the schema has one, the settings classes and task functions
+    the workflow calls have none of their own (which could drift from it)."""
+    import dataclasses
+    import inspect
+
+    from semvlp.pretrain import PhaseSettings
+    from semvlp.tasks import EXTRA_KEYS, task_module
+    from semvlp.tasks.common import TaskSettings
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    task_defaults = {k for k, v in schema["$defs"]["task"]["properties"].items() if "default" in v}
+    phase_defaults = {k for k, v in schema["properties"]["pretrain"]["properties"]["phase"]["properties"].items() if "default" in v}
+    phase_defaults |= {"itm_sources"}  # pretrain.itm_sources, passed to the phase's settings
+    for cls, names in ((TaskSettings, task_defaults), (PhaseSettings, phase_defaults)):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert names <= set(fields), f"{cls.__name__} lacks {names - set(fields)}"
+        doubled = [n for n in names if fields[n].default is not dataclasses.MISSING or fields[n].default_factory is not dataclasses.MISSING]
+        assert not doubled, f"{cls.__name__} has its own default for {doubled}"
+    tasks = schema["properties"]["finetune"]["properties"]["tasks"]["properties"]
+    for task, keys in EXTRA_KEYS.items():
+        assert all("default" in tasks[task]["properties"][key] for key in keys)
+        parameters = inspect.signature(task_module(task).run).parameters
+        assert all(parameters[key].default is inspect.Parameter.empty for key in keys), task
 
 
 @pytest.mark.parametrize(
@@ -76,3 +108,50 @@ def test_snakemake_stops_before_any_job_naming_the_key(tmp_path):
     result = run_snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "unknown.yaml"), timeout=120)
     assert result.returncode != 0
     assert "config key 'finetune.seedz': unknown key" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, lines",
+    [
+        ({"model": {"init": "/nonexistent/bert"}}, ["config key 'model.init': /nonexistent/bert: no such directory"]),
+        (
+            {"model": {"init": "half-bert"}},
+            ["config key 'model.init': half-bert: no vocab.txt, no model.safetensors or pytorch_model.bin"],
+        ),
+        (
+            {"regions": {"torchvision": {"weights": "models/detector.pt"}}},
+            ["config key 'regions.torchvision.weights': models/detector.pt: no such file"],
+        ),
+        (
+            {"regions": {"backend": "detectron2", "detectron2": {"config_file": "d2/faster_rcnn.yaml", "weights": "d2/model.pkl"}}},
+            ["config key 'regions.detectron2.config_file': d2/faster_rcnn.yaml: no such file",
+             "config key 'regions.detectron2.weights': d2/model.pkl: no such file"],
+        ),
+        (
+            {"regions": {"backend": "tsv", "image_sets": ["coco"], "tsv": {"coco": "tsv/coco_obj36.tsv"}}},
+            ["config key 'regions.tsv.coco': tsv/coco_obj36.tsv: no such file"],
+        ),
+    ],
+    ids=["init-missing", "init-incomplete", "torchvision-weights", "detectron2-files", "tsv-file"],
+)
+def test_paths_the_config_names_are_checked_before_any_job(tmp_path, override, lines):
+    """Also for the generated default, where no data file is checked: each problem one line naming the key."""
+    (tmp_path / "half-bert").mkdir()
+    (tmp_path / "half-bert" / "config.json").write_text("{}\n")
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    result = run_snakemake(tmp_path, "results/all.tsv", "-n", "--configfile", str(tmp_path / "override.yaml"), timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for line in lines:
+        assert line in output, output[-3000:]
+    assert "Job stats" not in output and not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_a_mistyped_model_init_stops_a_finished_run(tiny_run, tmp_path):
+    """It used to say "Nothing to be done": the finished run's outputs hid the mistake."""
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump({"model": {"init": "/nonexistent/bert"}}))
+    result = run_snakemake(tiny_run.workdir, "results/all.tsv", "-n", "--configfile", TINY, str(tmp_path / "override.yaml"), timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Nothing to be done" not in output
+    assert "config key 'model.init': /nonexistent/bert: no such directory" in output.splitlines()

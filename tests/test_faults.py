@@ -27,7 +27,8 @@ import yaml
 import semvlp
 from conftest import BIN
 from semvlp.features import FeatureReader, FeatureWriter, RegionRecord
-from semvlp.io import atomic_path, file_digest
+from semvlp.io import file_digest
+from semvlp.model import SemVLPConfig, read_weights_metadata, save_weights
 from test_reruns import snakemake, snapshot
 
 # config/tiny.yaml: coco_train + coco_val images, extracted in 2 shards
@@ -100,7 +101,7 @@ def tiny(checkout) -> str:
 def prepared_run(checkout, tiny, tmp_path_factory) -> Path:
     """A tiny run up to semvlp's initial checkpoint: data, detector, coco and gqa features."""
     workdir = tmp_path_factory.mktemp("faults-base")
-    target = "results/pretrain/semvlp/phase0.pt"
+    target = "results/pretrain/semvlp/phase0.safetensors"
     result = snakemake(checkout, workdir, target, "--cores", "2", "--configfile", tiny, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     return workdir
@@ -144,7 +145,7 @@ def test_run_killed_during_a_phase_resumes_from_the_partial_checkpoint(checkout,
     # long enough that the phase is still training after its first periodic checkpoint
     override = tmp_path / "long_phase.yaml"
     override.write_text(yaml.safe_dump({"pretrain": {"phase": {"steps": 200, "checkpoint_every": 10}}}))
-    target = "results/pretrain/semvlp/phase1.pt"
+    target = "results/pretrain/semvlp/phase1.safetensors"
     checkpoint = workdir / target
     partial = Path(f"{checkpoint}.partial")
     args = (target, "--cores", "2", "--configfile", tiny, str(override))
@@ -164,7 +165,7 @@ def test_run_killed_during_a_phase_resumes_from_the_partial_checkpoint(checkout,
 
     log = (workdir / "results/logs/pretrain_phase/semvlp/phase1.log").read_text()
     assert "resuming phase 1 (single) at step" in log, log[-3000:]
-    summary = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"][-1]["summary"]
+    summary = read_weights_metadata(checkpoint)["history"][-1]["summary"]
     assert summary["steps"] == 200 and summary["resumed_from_step"] >= 10
     assert not partial.exists()
 
@@ -195,22 +196,22 @@ def write_features(path: Path, images: int, dim: int) -> None:
 
 
 def save_checkpoint(path: Path, parameters: int) -> None:
-    """A checkpoint saved the way semvlp.pretrain saves one: torch.save into atomic_path."""
-    with atomic_path(path) as tmp:
-        torch.save({"model": {"weight": torch.ones(parameters)}, "step": 1}, tmp)
+    """A checkpoint saved the way semvlp.pretrain saves one (semvlp.model.save_weights)."""
+    module = torch.nn.Linear(parameters, 1, bias=False)
+    save_weights(module, path, SemVLPConfig(vocab_size=10), step=1)
 
 
 def write_earlier_outputs(folder: Path) -> dict[str, str]:
     """A finished feature file and checkpoint in `folder`; returns every file's digest."""
     write_features(folder / "earlier.h5", images=3, dim=8)
-    save_checkpoint(folder / "earlier.pt", parameters=100)
+    save_checkpoint(folder / "earlier.safetensors", parameters=100)
     return {p.name: file_digest(p) for p in folder.iterdir()}
 
 
 def assert_earlier_outputs_intact(folder: Path, digests: dict[str, str]) -> None:
     assert {name: file_digest(folder / name) for name in digests} == digests
     assert len(FeatureReader(folder / "earlier.h5")) == 3
-    assert torch.load(folder / "earlier.pt", weights_only=True)["step"] == 1
+    assert read_weights_metadata(folder / "earlier.safetensors")["step"] == 1
     assert sorted(p.name for p in folder.iterdir()) == sorted(digests)  # no temporary or partial file
 
 
@@ -224,11 +225,11 @@ def test_writes_into_a_folder_that_refuses_them_fail_clearly(tmp_path):
         with pytest.raises(PermissionError, match="permission denied") as features_error:
             write_features(folder / "new.h5", images=2, dim=8)
         with pytest.raises(PermissionError, match="permission denied") as checkpoint_error:
-            save_checkpoint(folder / "phase1.pt", parameters=100)
+            save_checkpoint(folder / "phase1.safetensors", parameters=100)
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
     assert str(folder / "new.h5") in str(features_error.value)
-    assert str(folder / "phase1.pt") in str(checkpoint_error.value)
+    assert str(folder / "phase1.safetensors") in str(checkpoint_error.value)
     assert_earlier_outputs_intact(folder, digests)
 
 
@@ -249,7 +250,7 @@ def full_disk(tmp_path):
 
 def test_checkpoint_bigger_than_the_free_space_fails_clearly(full_disk):
     digests = write_earlier_outputs(full_disk)
-    target = full_disk / "phase1.pt"
+    target = full_disk / "phase1.safetensors"
     with pytest.raises(OSError, match="disk full") as error:
         save_checkpoint(target, parameters=600_000)  # 2.4 MB of float32
     assert error.value.errno == errno.ENOSPC

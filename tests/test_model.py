@@ -483,3 +483,127 @@ def test_wordpiece_training_is_the_same_in_every_process(tmp_path):
         vocabularies.append((out_dir / "vocab.txt").read_text())
     assert len(vocabularies[0].splitlines()) == 70  # the size limit binds, so tie-breaks decide what is kept
     assert vocabularies[1:] == vocabularies[:1] * 3
+
+
+# ------------------------------------------------------------------------------------ saving, loading
+
+
+def trained_looking_model(seed: int = 0) -> SemVLPForPreTraining:
+    """A small model in eval mode whose weights are all random (no parameter at its initial constant)."""
+    torch.manual_seed(seed)
+    model = SemVLPForPreTraining(small_config())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.01)
+    return model.eval()
+
+
+def outputs_of(model: SemVLPForPreTraining, inputs: dict) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [
+            getattr(model(**inputs, mode=mode), name)
+            for mode in ("single", "two")
+            for name in ("pooled", "mlm_logits", "obj_logits", "itm_logits", "qa_logits")
+        ]
+
+
+def test_save_pretrained_round_trip_reproduces_outputs_exactly(tmp_path):
+    model = trained_looking_model()
+    out = model.save_pretrained(tmp_path / "model", answers=["yes", "no"])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text()) == model.config.to_dict()
+    loaded = SemVLPForPreTraining.from_pretrained(out)
+    assert not loaded.training and loaded.config == model.config
+    inputs = make_inputs(model.config)
+    for expected, got in zip(outputs_of(model, inputs), outputs_of(loaded, inputs)):
+        assert torch.equal(expected, got)
+    # the same for a one-file checkpoint, whose metadata comes back with it
+    model.save_checkpoint(tmp_path / "phase1.safetensors", answers=["yes", "no"], history=[{"phase": 1}])
+    again, metadata = SemVLPForPreTraining.from_checkpoint(tmp_path / "phase1.safetensors")
+    assert metadata["answers"] == ["yes", "no"] and metadata["history"] == [{"phase": 1}]
+    assert metadata["config"] == model.config.to_dict()
+    for expected, got in zip(outputs_of(model, inputs), outputs_of(again, inputs)):
+        assert torch.equal(expected, got)
+
+
+def test_a_saved_model_loads_in_a_process_that_imports_only_the_model_module(tmp_path):
+    model = trained_looking_model()
+    model.save_pretrained(tmp_path / "model")
+    inputs = make_inputs(model.config)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    torch.save(outputs_of(model, inputs), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+from semvlp.model import SemVLPForPreTraining
+model = SemVLPForPreTraining.from_pretrained({str(tmp_path / "model")!r})
+inputs = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
+with torch.no_grad():
+    got = [getattr(model(**inputs, mode=m), n) for m in ("single", "two") for n in ("pooled", "mlm_logits", "obj_logits", "itm_logits", "qa_logits")]
+expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+assert all(torch.equal(a, b) for a, b in zip(expected, got)), "outputs differ"
+print(sorted(name for name in sys.modules if name == "semvlp" or name.startswith("semvlp.")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # no workflow, no tasks, no pre-training code: the model file and what it needs
+    assert result.stdout.split("\n")[-2] == "['semvlp', 'semvlp.errors', 'semvlp.io', 'semvlp.model']"
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_crafted_to_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "phase1.safetensors"
+    torch.save({"model": _RunsCode(marker)}, crafted)  # a pickle under the checkpoint's name
+    with pytest.raises(InputError, match="not a safetensors file") as err:
+        SemVLPForPreTraining.from_checkpoint(crafted)
+    assert str(crafted) in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(small_config().to_dict()))
+    torch.save({"model": _RunsCode(marker)}, tmp_path / "model" / "model.safetensors")
+    with pytest.raises(InputError, match="not a safetensors file"):
+        SemVLPForPreTraining.from_pretrained(tmp_path / "model")
+    assert not marker.exists()
+    # the crafted bytes do run code when unpickled the old way: the test's pickle is real
+    (tmp_path / "crafted.pt").write_bytes(crafted.read_bytes())
+    torch.load(tmp_path / "crafted.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_foreign_truncated_and_tampered_files_are_refused_naming_them(tmp_path):
+    from safetensors.torch import save_file
+
+    model = trained_looking_model()
+    good = tmp_path / "good.safetensors"
+    model.save_checkpoint(good, answers=[])
+    cases = {}
+    cases["foreign"] = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(cases["foreign"]))  # valid safetensors, not ours
+    cases["truncated"] = tmp_path / "truncated.safetensors"
+    cases["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    # the header's config changed to a larger model than the tensors fit
+    raw = good.read_bytes()
+    header_size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_size])
+    metadata = json.loads(header["__metadata__"]["semvlp"])
+    metadata["config"]["hidden_size"] = 64
+    header["__metadata__"]["semvlp"] = json.dumps(metadata)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    cases["tampered"] = tmp_path / "tampered.safetensors"
+    cases["tampered"].write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + header_size :])
+    expected = {"foreign": "not a SemVLP weights file", "truncated": "not a safetensors file", "tampered": "weights do not fit the model"}
+    for name, path in cases.items():
+        with pytest.raises(InputError) as err:
+            SemVLPForPreTraining.from_checkpoint(path)
+        message = str(err.value)
+        assert expected[name] in message and str(path) in message and "\n" not in message, (name, message)

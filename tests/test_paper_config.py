@@ -27,7 +27,9 @@ def test_missing_files_stop_the_run_with_the_list_and_where_to_get_them(tmp_path
     assert result.returncode != 0
     assert "input file(s) missing" in output
     assert "resources/vqa/v2_mscoco_train2014_annotations.json" in output and "visualqa.org" in output
-    assert "resources/models/bert-base-uncased/config.json" in output
+    # the files the config names itself: one line each, naming the key
+    assert "config key 'model.init': resources/models/bert-base-uncased: no such directory" in output
+    assert "config key 'regions.detectron2.weights': resources/models/faster_rcnn_from_caffe_attr.pkl: no such file" in output
     assert "Job stats" not in output and not (tmp_path / "results").exists()
 
 
@@ -40,6 +42,13 @@ def test_paper_config_plans_the_full_dag_with_placeholder_files(tmp_path):
             target.write_text("placeholder\n")
         else:  # an image folder
             target.mkdir(parents=True, exist_ok=True)
+    # the BERT checkpoint and the detector files the config names (semvlp.config.path_problems)
+    bert = tmp_path / config["model"]["init"]
+    bert.mkdir(parents=True)
+    for name in ("config.json", "vocab.txt", "model.safetensors"):
+        (bert / name).write_text("placeholder\n")
+    for key in ("config_file", "weights"):
+        (tmp_path / config["regions"]["detectron2"][key]).write_text("placeholder\n")
     result = run_snakemake(tmp_path, "results/all.tsv", "-n", "--configfile", PAPER, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counts = job_counts(result.stdout)

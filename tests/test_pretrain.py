@@ -20,7 +20,8 @@ from semvlp.features import FeatureWriter, RegionRecord
 from semvlp.batching import RegionBank
 from semvlp.data.corpus import read_corpus
 from semvlp.loader import LoaderSettings
-from semvlp.pretrain import PhaseSettings, PretrainBatches, batch_loader, init_checkpoint, load_model, run_phase
+from semvlp.model import SemVLPForPreTraining
+from semvlp.pretrain import PhaseSettings, PretrainBatches, batch_loader, init_checkpoint, run_phase
 from semvlp.tokenization import load_tokenizer
 from semvlp.tokenization import train_wordpiece
 
@@ -60,9 +61,10 @@ def world(tmp_path_factory) -> dict:
     write_corpus(records, table, root / "corpus.jsonl", root / "answers.json")
     train_wordpiece([r.sentence for r in records], 120, root / "tokenizer")
     init_checkpoint(
-        root / "phase0.pt",
+        root / "phase0.safetensors",
         model_settings={"init": "scratch", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                        "cross_layers": 1, "box_dim": 4, "dropout": 0.1, "max_text_length": 16},
+                        "cross_layers": 1, "box_dim": 4, "dropout": 0.1, "max_text_length": 16,
+                        "type_vocab_size": 0, "init_scheme": "pytorch"},
         tokenizer_dir=root / "tokenizer",
         answers_path=root / "answers.json",
         feature_paths={"coco": root / "coco.h5"},
@@ -75,7 +77,7 @@ def settings(mode: str = "single", steps: int = 12, checkpoint_every: int = 4) -
     return PhaseSettings(
         mode=mode, index=1, steps=steps, batch_size=8, lr=1e-3, warmup_ratio=0.1, weight_decay=0.01,
         checkpoint_every=checkpoint_every, mixed_single_ratio=0.5, text_mask_prob=0.15, region_mask_prob=0.15,
-        itm_mismatch_ratio=0.5, max_text_length=16, seed=3,
+        itm_mismatch_ratio=0.5, max_text_length=16, seed=3, accumulation_steps=1, itm_sources=("coco_captions",),
         loss_weights={"mlm": 1, "obj_feat": 1, "obj_label": 1, "attr_label": 1, "itm": 1, "qa": 1},
     )
 
@@ -83,8 +85,8 @@ def settings(mode: str = "single", steps: int = 12, checkpoint_every: int = 4) -
 def phase(world, out_dir: Path, phase_settings: PhaseSettings) -> dict:
     root = world["root"]
     return run_phase(
-        previous_checkpoint=root / "phase0.pt",
-        out_checkpoint=out_dir / "phase1.pt",
+        previous_checkpoint=root / "phase0.safetensors",
+        out_checkpoint=out_dir / "phase1.safetensors",
         metrics_path=out_dir / "phase1.metrics.json",
         corpus_path=root / "corpus.jsonl",
         answers_path=root / "answers.json",
@@ -94,6 +96,14 @@ def phase(world, out_dir: Path, phase_settings: PhaseSettings) -> dict:
     )
 
 
+def without_dropout(checkpoint: Path, out: Path) -> None:
+    """A copy of a checkpoint whose model has dropout 0 (same weights and metadata)."""
+    model, metadata = SemVLPForPreTraining.from_checkpoint(checkpoint)
+    metadata = {k: v for k, v in metadata.items() if k not in ("format", "config")}
+    model.config.dropout = 0.0
+    model.save_checkpoint(out, **metadata)
+
+
 def history(out_dir: Path) -> list[dict]:
     return json.loads((out_dir / "phase1.metrics.json").read_text())["history"]
 
@@ -101,16 +111,16 @@ def history(out_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("mode", ["single", "two", "mixed"])
 def test_phase_trains_and_checkpoints_everything(world, tmp_path, mode):
     summary = phase(world, tmp_path, settings(mode))
-    checkpoint = torch.load(tmp_path / "phase1.pt", weights_only=False)
-    assert {"model", "optimizer", "scheduler", "rng", "step", "model_config", "answers"} <= set(checkpoint)
-    assert checkpoint["step"] == 12 and summary["mode"] == mode
+    trained, metadata = SemVLPForPreTraining.from_checkpoint(tmp_path / "phase1.safetensors")
+    assert {"config", "answers", "init", "history"} <= set(metadata)
+    assert metadata["history"] == [{"phase": 1, "mode": mode, "summary": summary}]
+    assert summary["steps"] == 12 and summary["mode"] == mode
     modes = {h["mode"] for h in history(tmp_path)}
     assert modes == ({"single", "two"} if mode == "mixed" else {mode})
     # the weights moved away from the initial checkpoint
-    initial, _ = load_model(world["root"] / "phase0.pt")
-    trained, _ = load_model(tmp_path / "phase1.pt")
+    initial, _ = SemVLPForPreTraining.from_checkpoint(world["root"] / "phase0.safetensors")
     assert any(not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), trained.state_dict().values()))
-    assert not (tmp_path / "phase1.pt.partial").exists()
+    assert not (tmp_path / "phase1.safetensors.partial").exists()
 
 
 def test_same_seed_gives_identical_losses(world, tmp_path):
@@ -172,10 +182,10 @@ def test_killed_phase_resumes_to_the_same_final_loss(world, tmp_path):
     assert phase_process(world, uninterrupted, steps).wait(timeout=600) == 0
 
     proc = phase_process(world, killed, steps)
-    partial = killed / "phase1.pt.partial"
+    partial = killed / "phase1.safetensors.partial"
     kill_once_written(proc, partial)
     assert partial.exists(), "the phase finished or failed before its first periodic checkpoint"
-    assert not (killed / "phase1.pt").exists()
+    assert not (killed / "phase1.safetensors").exists()
 
     assert phase_process(world, killed, steps).wait(timeout=600) == 0
     summary = json.loads((killed / "phase1.metrics.json").read_text())["summary"]
@@ -189,26 +199,22 @@ def test_a_partial_checkpoint_of_other_settings_is_ignored(world, tmp_path):
     phase(world, tmp_path, settings("single", steps=8, checkpoint_every=4))
     reference = history(tmp_path)
     # a stale partial from a run with another mode must not be resumed
-    stale = torch.load(tmp_path / "phase1.pt", weights_only=False)
-    torch.save({"settings": asdict(settings("two")), "previous": "elsewhere", "step": 4}, tmp_path / "phase1.pt.partial")
+    torch.save({"settings": asdict(settings("two")), "previous": "elsewhere", "step": 4}, tmp_path / "phase1.safetensors.partial")
     summary = phase(world, tmp_path, settings("single", steps=8, checkpoint_every=4))
     assert summary["resumed_from_step"] == 0
     assert [h["loss_total"] for h in history(tmp_path)] == [h["loss_total"] for h in reference]
-    assert stale["step"] == 8
 
 
 def test_ddp_two_processes_match_one_process_at_the_same_global_batch(world, tmp_path):
     """torchrun with 2 gloo processes (each half of the batch) against 1 process on the whole batch."""
     root = world["root"]
-    checkpoint = torch.load(root / "phase0.pt", weights_only=False)
-    checkpoint["model_config"]["dropout"] = 0.0  # dropout masks differ per process by design
-    torch.save(checkpoint, tmp_path / "phase0.pt")
+    without_dropout(root / "phase0.safetensors", tmp_path / "phase0.safetensors")  # masks differ per process by design
     runs = {}
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"
         out.mkdir()
         args = dict(
-            previous_checkpoint=str(tmp_path / "phase0.pt"), out_checkpoint=str(out / "phase1.pt"),
+            previous_checkpoint=str(tmp_path / "phase0.safetensors"), out_checkpoint=str(out / "phase1.safetensors"),
             metrics_path=str(out / "phase1.metrics.json"), corpus_path=str(root / "corpus.jsonl"),
             answers_path=str(root / "answers.json"), tokenizer_dir=str(root / "tokenizer"),
             feature_paths={"coco": str(root / "coco.h5")}, settings=asdict(settings("mixed", steps=10, checkpoint_every=100)),
@@ -231,16 +237,17 @@ def test_initial_checkpoint_from_a_real_bert_checkpoint(world, tmp_path):
 
     root = world["root"]
     report = init_checkpoint(
-        tmp_path / "phase0.pt",
+        tmp_path / "phase0.safetensors",
         model_settings={"init": str(minilm_dir()), "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-                        "intermediate_size": 64, "cross_layers": 1, "box_dim": 4, "dropout": 0.1, "max_text_length": 16},
+                        "intermediate_size": 64, "cross_layers": 1, "box_dim": 4, "dropout": 0.1, "max_text_length": 16,
+                        "type_vocab_size": 0, "init_scheme": "pytorch"},
         tokenizer_dir=minilm_dir(),
         answers_path=root / "answers.json",
         feature_paths={"coco": root / "coco.h5"},
         seed=0,
     )
     assert report["init"] == str(minilm_dir()) and report["bert_loaded"] > 0 and report["bert_fresh"] > 0
-    model, _ = load_model(tmp_path / "phase0.pt")
+    model, _ = SemVLPForPreTraining.from_checkpoint(tmp_path / "phase0.safetensors")
     assert model.config.hidden_size == 384 and model.config.num_layers == 6  # the checkpoint's sizes
 
 
@@ -274,7 +281,7 @@ def test_under_torchrun_each_rank_reads_only_its_rows(world, tmp_path):
     """2 gloo processes: each rank's feature reads are half of the batch rows, in loader workers too."""
     root = world["root"]
     args = dict(
-        previous_checkpoint=str(root / "phase0.pt"), out_checkpoint=str(tmp_path / "phase1.pt"),
+        previous_checkpoint=str(root / "phase0.safetensors"), out_checkpoint=str(tmp_path / "phase1.safetensors"),
         metrics_path=str(tmp_path / "phase1.metrics.json"), corpus_path=str(root / "corpus.jsonl"),
         answers_path=str(root / "answers.json"), tokenizer_dir=str(root / "tokenizer"),
         feature_paths={"coco": str(root / "coco.h5")}, settings=asdict(settings("single", steps=6, checkpoint_every=100)),
@@ -314,14 +321,12 @@ def test_under_torchrun_each_rank_reads_only_its_rows(world, tmp_path):
 def test_gradient_accumulation_matches_the_whole_batch(world, tmp_path):
     """Micro-batches of 2 x 4 rows step like one batch of 8: each term's mean is the whole batch's."""
     root = world["root"]
-    checkpoint = torch.load(root / "phase0.pt", weights_only=False)
-    checkpoint["model_config"]["dropout"] = 0.0  # dropout masks differ with the micro-batch shapes
-    torch.save(checkpoint, tmp_path / "phase0.pt")
+    without_dropout(root / "phase0.safetensors", tmp_path / "phase0.safetensors")  # masks differ with micro-batch shapes
     runs = {}
     for parts in (1, 2):
         out = tmp_path / f"parts{parts}"
         run_phase(
-            previous_checkpoint=tmp_path / "phase0.pt", out_checkpoint=out / "phase1.pt", metrics_path=out / "phase1.metrics.json",
+            previous_checkpoint=tmp_path / "phase0.safetensors", out_checkpoint=out / "phase1.safetensors", metrics_path=out / "phase1.metrics.json",
             corpus_path=root / "corpus.jsonl", answers_path=root / "answers.json", tokenizer_dir=root / "tokenizer",
             feature_paths={"coco": root / "coco.h5"},
             settings=PhaseSettings(**{**asdict(settings("mixed", steps=10, checkpoint_every=100)), "accumulation_steps": parts}),

@@ -105,6 +105,10 @@ def phases(variant: str, first: int = 1) -> set[Job]:
     return {job("pretrain_phase", variant=variant, index=i) for i in range(first, PHASES[variant] + 1)}
 
 
+def exports(variants=VARIANTS) -> set[Job]:
+    return {job("export_model", variant=v) for v in variants}
+
+
 REPORT = {job("report")}
 EXTRACTION = {job("extract_regions", image_set=s, shard=k) for s in IMAGE_SETS for k in range(SHARDS)}
 MERGES = {job("index_regions", image_set=s) for s in IMAGE_SETS}
@@ -112,27 +116,28 @@ INITS = {job("init_model", variant=v) for v in VARIANTS}
 ALL_PHASES = set().union(*(phases(v) for v in VARIANTS))
 DATA = {job("generate_world"), job("build_corpus"), job("train_tokenizer")}
 DETECTOR = {job("train_detector")}
-ALL_JOBS = DATA | DETECTOR | EXTRACTION | MERGES | INITS | ALL_PHASES | finetunes() | REPORT
+ALL_JOBS = DATA | DETECTOR | EXTRACTION | MERGES | INITS | ALL_PHASES | finetunes() | exports() | REPORT
 
 CONFIG_CHANGES = {
-    # one task's fine-tuning value: that task's jobs of every variant and seed
+    # one task's fine-tuning value: that task's jobs of every variant and seed, and the model cards
+    # that give their results
     "finetune.tasks.vqa.lr": (
         {"finetune": {"tasks": {"vqa": {"lr": 2.0e-3}}}},
-        finetunes(tasks=("vqa",)) | REPORT,
+        finetunes(tasks=("vqa",)) | exports() | REPORT,
     ),
     # the mode of semvlp's 2nd phase: that phase onwards, not phase 1, not the other variant
     "pretrain.variants.semvlp.phases[2]": (
         {"pretrain": {"variants": {"semvlp": {"phases": ["single", "mixed"]}}}},
-        phases("semvlp", first=2) | finetunes(variants=("semvlp",)) | REPORT,
+        phases("semvlp", first=2) | finetunes(variants=("semvlp",)) | exports(("semvlp",)) | REPORT,
     ),
     "pretrain.variants.semvlp.phases[1]": (
         {"pretrain": {"variants": {"semvlp": {"phases": ["two", "two"]}}}},
-        phases("semvlp", first=1) | finetunes(variants=("semvlp",)) | REPORT,
+        phases("semvlp", first=1) | finetunes(variants=("semvlp",)) | exports(("semvlp",)) | REPORT,
     ),
     # shared by every phase: all phases and what they feed; `none` has no phase, so nothing of it
     "pretrain.phase.lr": (
         {"pretrain": {"phase": {"lr": 2.0e-3}}},
-        ALL_PHASES | finetunes(variants=[v for v in VARIANTS if PHASES[v]]) | REPORT,
+        ALL_PHASES | finetunes(variants=[v for v in VARIANTS if PHASES[v]]) | exports([v for v in VARIANTS if PHASES[v]]) | REPORT,
     ),
     # box selection: extraction and everything downstream of features, not the data or the detector
     "regions.selection.max_boxes": (
@@ -146,10 +151,16 @@ CONFIG_CHANGES = {
     ),
 }
 
+# Each edit appends a new function to the module: the fingerprints (semvlp.fingerprint) follow every
+# module a rule's jobs import, so exactly the jobs that run the module rerun, and what they feed.
 CODE_EDITS = {
-    "semvlp/report.py": REPORT,
-    # the tasks fingerprint covers the whole semvlp.tasks package (common.smk, CODE["tasks"])
-    "semvlp/tasks/vqa.py": finetunes() | REPORT,
+    "semvlp/report.py": exports() | REPORT,  # the model cards' results table
+    # a task module: only that task's fine-tunings (semvlp.tasks imports it by name)
+    "semvlp/tasks/vqa.py": finetunes(tasks=("vqa",)) | exports() | REPORT,
+    "semvlp/tasks/common.py": finetunes() | exports() | REPORT,
+    # every phase measures its grounding with it, and init_model imports the pre-training module
+    "semvlp/diagnostics.py": INITS | ALL_PHASES | finetunes() | exports() | REPORT,
+    "semvlp/export.py": exports() | REPORT,
     "semvlp/regions/selection.py": ALL_JOBS - DATA,
 }
 
@@ -194,7 +205,7 @@ def test_code_edit_reruns_only_its_stages(checkout, completed_run, tmp_path, edi
     edited_checkout = snapshot(tmp_path / "checkout", source=checkout)
     if edited is not None:
         with open(edited_checkout / edited, "a") as f:
-            f.write("# an edit that changes no behaviour, only the source\n")
+            f.write("\n\ndef an_added_function():\n    return None\n")
     expected = set() if edited is None else CODE_EDITS[edited]
     planned = dry_run(edited_checkout, completed_run)
     print(f"edit {edited or 'none (copy only)'}: {len(planned)} jobs")

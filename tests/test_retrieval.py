@@ -16,7 +16,7 @@ def test_split_scores_equal_each_pair_scored_alone(tiny_run):
     """Length-sorted, broadcast evaluation batches give every (caption, image) pair its own score."""
     results = tiny_run.workdir / "results"
     dataset = next((results / "data").rglob("dataset_flickr30k.json"))
-    model = RetrievalModel(Encoder(results / "pretrain" / "semvlp" / "phase2.pt", "single")).eval()
+    model = RetrievalModel(Encoder.from_checkpoint(results / "pretrain" / "semvlp" / "phase2.safetensors", "single")).eval()
     bank = RegionBank({"flickr30k": results / "features" / "flickr30k.h5"}, box_dim=model.encoder.config.box_dim)
     tokenizer = load_tokenizer(results / "tokenizer")
 

@@ -25,7 +25,7 @@ def test_dry_run_lists_alternating_phases_and_one_finetune_per_task(tmp_path):
     assert counts["init_model"] == 2
     assert counts["finetune"] == 2 * 4  # variants x tasks x 1 seed
     assert counts["extract_regions"] == 4 * 2  # image sets x shards
-    assert "results/pretrain/semvlp/phase2.pt" in result.stdout
+    assert "results/pretrain/semvlp/phase2.safetensors" in result.stdout
     assert "results/finetune/none/retrieval/seed0/metrics.json" in result.stdout
 
 
@@ -78,3 +78,30 @@ def test_completed_run_has_nothing_left_to_do(tiny_run):
     result = run_snakemake(workdir, "results/all.tsv", "-n", "--configfile", TINY, timeout=300)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_tiny_run_exports_the_reported_models_with_a_model_card(tiny_run):
+    """results/models/{variant}: the last checkpoint's weights, the tokenizer and a card that names the
+    run, the phases and the fine-tuning results; it loads with the model class alone."""
+    import torch
+
+    from semvlp.model import SemVLPForPreTraining
+    from semvlp.tokenization import load_tokenizer
+
+    results = tiny_run.workdir / "results"
+    table = pd.read_csv(results / "all.tsv", sep="\t")
+    for variant, phases in (("semvlp", 2), ("none", 0)):
+        exported = SemVLPForPreTraining.from_pretrained(results / "models" / variant)
+        checkpoint = results / "pretrain" / variant / f"phase{phases}.safetensors"
+        trained, metadata = SemVLPForPreTraining.from_checkpoint(checkpoint)
+        assert exported.state_dict().keys() == trained.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values()))
+        assert load_tokenizer(results / "models" / variant).vocab_size == exported.config.vocab_size
+        card = (results / "models" / variant / "README.md").read_text()
+        assert (checkpoint.parent / f"{checkpoint.name}.run_id").read_text().strip() in card
+        assert len(metadata["history"]) == phases
+        for entry in metadata["history"]:
+            assert f"| {entry['phase']} | {entry['mode']} | {entry['summary']['steps']} | {entry['summary']['final_loss_total']:.3f} |" in card
+        vqa = table[(table.variant == variant) & (table.task == "vqa") & (table.metric == "accuracy")]["value"]
+        assert f"| {variant} | {vqa.mean():.2f} |" in card

@@ -89,16 +89,14 @@ SOURCES = {
     "nlvr2_images": "NLVR2 images (by request from the NLVR2 authors; see the lil-lab/nlvr repository)",
     "flickr30k": "Karpathy's split dataset_flickr30k.json (Karpathy's neuraltalk caption data)",
     "flickr30k_images": "Flickr30K images (by request from the Flickr30K authors)",
-    "bert": "a BERT-family checkpoint directory in transformers format (config.json, vocab.txt, model.safetensors)",
-    "detector": "the detector files named in the config's regions section (see README, 'Pointing it at real data')",
-    "tsv": "an LXMERT-style feature TSV named in regions.tsv",
 }
 TASK_SOURCES = {"vqa": "vqa", "gqa": "gqa", "nlvr2": "nlvr2", "retrieval": "flickr30k"}
 IMAGE_SOURCES = {"coco": "coco_images", "gqa": "gqa_images", "nlvr2": "nlvr2_images", "flickr30k": "flickr30k_images"}
 
 
 def required_files(config: dict) -> list[tuple[Path, str]]:
-    """Every file or folder a config reads from outside results/, with where to get it."""
+    """Every official data file or folder a config reads under data.root, with where to get it (the
+    files the config names itself, such as model.init and detector weights: semvlp.config.path_problems)."""
     from semvlp.data.corpus import corpus_source_files  # corpus imports this module
 
     root = config["data"]["root"]
@@ -110,18 +108,10 @@ def required_files(config: dict) -> list[tuple[Path, str]]:
         files = task_files(task, root, settings["train_split"], settings["eval_splits"])
         needed += [(path, TASK_SOURCES[task]) for path in files.values()]
     regions = config["regions"]
-    if regions["backend"] == "tsv":
-        needed += [(Path(regions["tsv"][s]), "tsv") for s in regions["image_sets"]]
-    else:
+    if regions["backend"] != "tsv":
         needed += [(image_dir(root, s), IMAGE_SOURCES[s]) for s in regions["image_sets"]]
-    if regions["backend"] == "detectron2":
-        needed += [(Path(regions["detectron2"]["config_file"]), "detector"), (Path(regions["detectron2"]["weights"]), "detector")]
-    if regions["backend"] == "torchvision" and regions["torchvision"].get("weights"):
-        needed.append((Path(regions["torchvision"]["weights"]), "detector"))
-    elif regions["backend"] == "torchvision":
+    if regions["backend"] == "torchvision" and regions["torchvision"]["weights"] is None:
         needed.append((coco_instances(root, "train2014"), "coco_annotations"))  # the detector trains on it
-    if config["model"]["init"] != "scratch":
-        needed += [(Path(config["model"]["init"]) / name, "bert") for name in ("config.json", "vocab.txt")]
     unique: dict[Path, str] = {}
     for path, hint in needed:
         unique.setdefault(Path(path), hint)

@@ -1,4 +1,5 @@
-"""What every fine-tuning task shares: the encoder from a pre-training checkpoint, the training loop.
+"""What every fine-tuning task shares: the encoder from a pre-training checkpoint, the training loop,
+saving and loading a fine-tuned task model.
 
 A fine-tuning job runs on the GPU when it has one (the rule's `gpu` resource), with bf16 autocast over
 forward passes and losses as pre-training uses there; batches are built on the CPU and moved by the
@@ -18,11 +19,18 @@ from tqdm import tqdm
 
 from semvlp.batching import RegionBank, encode_text, encoder_inputs
 from semvlp.engine import OptimizerSettings, Trainer, autocast, file_stamp
-from semvlp.pretrain import load_model
+from semvlp.io import atomic_directory, write_json
+from semvlp.model import CONFIG_NAME, WEIGHTS_NAME, SemVLPForPreTraining, read_weights_metadata, save_weights
+from semvlp.tokenization import save_tokenizer
+
+# What a saved task model needs besides its weights: the task, the encoder mode, the answer table...
+TASK_FILE = "task.json"
 
 
 @dataclass
 class TaskSettings:
+    """A task's settings: every value comes from the validated config (the schema holds the defaults)."""
+
     train_split: str
     eval_splits: list[str]
     mode: str  # single | two | both (outputs of the two modes averaged) | auto (see trained_mode)
@@ -33,14 +41,18 @@ class TaskSettings:
     warmup_ratio: float
     seed: int
     max_text_length: int
-    checkpoint_every: int = 500  # steps between partial checkpoints (a rerun resumes from the last)
-    accumulation_steps: int = 1  # micro-batches per optimiser step
-    max_train_examples: int | None = None
+    checkpoint_every: int  # steps between partial checkpoints (a rerun resumes from the last)
+    accumulation_steps: int  # micro-batches per optimiser step
+    max_train_examples: int | None
 
     @classmethod
     def from_config(cls, task_config: dict[str, Any], *, seed: int, max_text_length: int) -> "TaskSettings":
-        known = {k: task_config[k] for k in cls.__dataclass_fields__ if k in task_config}
-        return cls(seed=seed, max_text_length=max_text_length, **known)
+        """From a task's section of the validated config (task-specific keys are left to the task)."""
+        return cls(seed=seed, max_text_length=max_text_length, **{k: task_config[k] for k in cls.config_keys()})
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        return [name for name in cls.__dataclass_fields__ if name not in ("seed", "max_text_length")]
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -55,21 +67,23 @@ def trained_mode(checkpoint_path) -> str:
     phases taught the single-stream mode: after `[single, two, single, two]` that mode answers
     existence questions at chance while the two-stream mode gets 77% (README, "Which mode to fine-tune in").
     """
-    # mmap: only the small `history` entry is read, not the weights and optimiser state
-    history = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True).get("history", [])
+    history = read_weights_metadata(checkpoint_path)["history"]  # the header only, not the weights
     return "two" if history and history[-1]["mode"] == "two" else "single"
 
 
 class Encoder(nn.Module):
     """The pre-trained shared stack run in the task's mode; `both` averages the two modes' outputs."""
 
-    def __init__(self, checkpoint_path, mode: str):
+    def __init__(self, pretrained: SemVLPForPreTraining, mode: str):
         super().__init__()
-        pretrained, checkpoint = load_model(checkpoint_path)
         self.model = pretrained
         self.config = pretrained.config
         self.mode = mode
-        self.answers = checkpoint["answers"]
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_path, mode: str) -> "Encoder":
+        pretrained, _ = SemVLPForPreTraining.from_checkpoint(checkpoint_path)
+        return cls(pretrained, mode)
 
     @property
     def hidden_size(self) -> int:
@@ -205,3 +219,28 @@ def resume_point(out_dir: str | Path, checkpoint: str | Path, **task_values) -> 
     """train()'s `partial` (in the job's output folder) and `identity` (the pre-trained checkpoint's
     version and the task's own settings) for a task."""
     return {"partial": Path(out_dir) / "train.partial", "identity": {"checkpoint": file_stamp(checkpoint), **task_values}}
+
+
+def task_info(task: str, settings: TaskSettings, checkpoint, examples: int, **extra: Any) -> dict[str, Any]:
+    """A task model's task.json: what predicting needs (task, mode, text length, `extra` such as the
+    answer table) and what it was trained on."""
+    return {
+        "task": task,
+        "mode": settings.mode,
+        "max_text_length": settings.max_text_length,
+        **extra,
+        "trained_on": {"split": settings.train_split, "examples": examples, "pretrained": file_stamp(checkpoint)},
+        "settings": asdict(settings),
+    }
+
+
+def save_task_model(model: nn.Module, out_dir: str | Path, info: dict[str, Any], tokenizer) -> None:
+    """A fine-tuned model as a directory that loads without the workflow (semvlp.tasks.load_task_model):
+    the encoder's config.json, the whole model's model.safetensors, task.json and the tokenizer files.
+    Written whole or not at all."""
+    config = model.encoder.config
+    with atomic_directory(out_dir) as tmp:
+        write_json(tmp / CONFIG_NAME, config.to_dict(), indent=2)
+        save_weights(model, tmp / WEIGHTS_NAME, config, task=info["task"])
+        write_json(tmp / TASK_FILE, info, indent=2)
+        save_tokenizer(tokenizer, tmp)

@@ -13,20 +13,40 @@ from semvlp.data.answers import AnswerTable
 from semvlp.data.formats import load_gqa
 from semvlp.io import write_json
 from semvlp.metrics import evaluate_gqa
-from semvlp.tasks.common import AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, resume_point, train
+from semvlp.tasks.common import (
+    AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, resume_point, task_info, train,
+)
 
 IMAGE_SET = "gqa"
 
 
+def build_model(encoder: Encoder, info: dict) -> AnswerClassifier:
+    return AnswerClassifier(encoder, len(info["answers"]))
+
+
+def predict(model: AnswerClassifier, info: dict, files, split: str, bank: RegionBank, tokenizer, out_dir) -> Path:
+    """predictions_{split}.json in the GQA submission format (questionId, prediction)."""
+    questions = load_gqa(files[f"{split}_questions"])
+    make_batch = question_batcher(bank, IMAGE_SET, tokenizer, info["max_text_length"])
+    answers = predict_answers(model, questions, make_batch, info["answers"])
+    path = Path(out_dir) / f"predictions_{split}.json"
+    write_json(path, [{"questionId": q.question_id, "prediction": a} for q, a in zip(questions, answers)])
+    return path
+
+
+def evaluate(files, split: str, predictions_path) -> dict[str, float]:
+    return evaluate_gqa(files[f"{split}_questions"], predictions_path)
+
+
 def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None):
-    out_dir = Path(out_dir)
     train_questions = load_gqa(files[f"{settings.train_split}_questions"])
     table = AnswerTable.from_counts(Counter(q.answer for q in train_questions), 1)
     examples = train_questions[: settings.max_train_examples]
+    info = task_info("gqa", settings, checkpoint, len(examples), answers=list(table.answers))
 
-    encoder = Encoder(checkpoint, settings.mode)
+    encoder = Encoder.from_checkpoint(checkpoint, settings.mode)
     bank = RegionBank({IMAGE_SET: features_path}, box_dim=encoder.config.box_dim)
-    model = AnswerClassifier(encoder, len(table))
+    model = build_model(encoder, info)
     make_batch = question_batcher(bank, IMAGE_SET, tokenizer, settings.max_text_length)
 
     def loss_of_batch(chunk, step):
@@ -35,12 +55,5 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
         return nn.functional.cross_entropy(logits, labels)
 
     losses = train(model, examples, loss_of_batch, settings, job, desc="gqa", **resume_point(out_dir, checkpoint, task="gqa"))
-    results = {}
-    for split in settings.eval_splits:
-        path = files[f"{split}_questions"]
-        questions = load_gqa(path)
-        answers = predict_answers(model, questions, make_batch, table.answers)
-        predictions_path = out_dir / f"predictions_{split}.json"
-        write_json(predictions_path, [{"questionId": q.question_id, "prediction": a} for q, a in zip(questions, answers)])
-        results[split] = evaluate_gqa(path, predictions_path)
-    return {"train_loss_last": losses[-1], "num_answers": len(table), "num_train": len(examples)}, results
+    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir)) for split in settings.eval_splits}
+    return {"train_loss_last": losses[-1], "num_answers": len(table), "num_train": len(examples)}, results, model, info

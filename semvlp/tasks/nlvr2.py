@@ -11,7 +11,9 @@ from semvlp.batching import RegionBank, encode_text
 from semvlp.data.formats import load_nlvr2
 from semvlp.io import write_text
 from semvlp.metrics import evaluate_nlvr2
-from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, classifier_head, device_of, resume_point, train
+from semvlp.tasks.common import (
+    Encoder, TaskSettings, autocast, batches_of, classifier_head, device_of, resume_point, task_info, train,
+)
 
 IMAGE_SET = "nlvr2"
 
@@ -27,21 +29,49 @@ class NLVR2Model(nn.Module):
         return self.head(pooled)  # [B, 2]
 
 
-def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None):
-    out_dir = Path(out_dir)
-    examples = [e for e in load_nlvr2(files[f"{settings.train_split}_data"]) if e.label is not None]
-    examples = examples[: settings.max_train_examples]
-    encoder = Encoder(checkpoint, settings.mode)
-    bank = RegionBank({IMAGE_SET: features_path}, box_dim=encoder.config.box_dim)
-    model = NLVR2Model(encoder)
+def build_model(encoder: Encoder, info: dict) -> NLVR2Model:
+    return NLVR2Model(encoder)
+
+
+def pair_batches(bank: RegionBank, tokenizer, max_text_length: int):
+    """Model inputs (left image, right image, each with the statement) of a chunk of examples."""
 
     def make_batches(chunk):
-        text = encode_text(tokenizer, [e.sentence for e in chunk], settings.max_text_length)
+        text = encode_text(tokenizer, [e.sentence for e in chunk], max_text_length)
         left = bank.batch([(IMAGE_SET, e.left_img_id) for e in chunk])
         right = bank.batch([(IMAGE_SET, e.right_img_id) for e in chunk])
         left.update(text)
         right.update(text)
         return left, right
+
+    return make_batches
+
+
+def predict(model: NLVR2Model, info: dict, files, split: str, bank: RegionBank, tokenizer, out_dir) -> Path:
+    """predictions_{split}.csv in the official format (identifier,True|False); needs no labels."""
+    make_batches = pair_batches(bank, tokenizer, info["max_text_length"])
+    lines = []
+    with torch.no_grad(), autocast(device_of(model)):
+        for chunk in batches_of(load_nlvr2(files[f"{split}_data"]), 256):
+            best = model(*make_batches(chunk)).argmax(-1).tolist()
+            lines += [f"{e.identifier},{'True' if b else 'False'}" for e, b in zip(chunk, best)]
+    path = Path(out_dir) / f"predictions_{split}.csv"
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def evaluate(files, split: str, predictions_path) -> dict[str, float]:
+    return evaluate_nlvr2(files[f"{split}_data"], predictions_path)
+
+
+def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None):
+    examples = [e for e in load_nlvr2(files[f"{settings.train_split}_data"]) if e.label is not None]
+    examples = examples[: settings.max_train_examples]
+    info = task_info("nlvr2", settings, checkpoint, len(examples))
+    encoder = Encoder.from_checkpoint(checkpoint, settings.mode)
+    bank = RegionBank({IMAGE_SET: features_path}, box_dim=encoder.config.box_dim)
+    model = build_model(encoder, info)
+    make_batches = pair_batches(bank, tokenizer, settings.max_text_length)
 
     def loss_of_batch(chunk, step):
         logits = model(*make_batches(chunk))
@@ -49,15 +79,5 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
         return nn.functional.cross_entropy(logits, labels)
 
     losses = train(model, examples, loss_of_batch, settings, job, desc="nlvr2", **resume_point(out_dir, checkpoint, task="nlvr2"))
-    results = {}
-    for split in settings.eval_splits:
-        path = files[f"{split}_data"]
-        lines = []
-        with torch.no_grad(), autocast(device_of(model)):
-            for chunk in batches_of(load_nlvr2(path), 256):
-                best = model(*make_batches(chunk)).argmax(-1).tolist()
-                lines += [f"{e.identifier},{'True' if b else 'False'}" for e, b in zip(chunk, best)]
-        predictions_path = out_dir / f"predictions_{split}.csv"
-        write_text(predictions_path, "\n".join(lines) + "\n")
-        results[split] = evaluate_nlvr2(path, predictions_path)
-    return {"train_loss_last": losses[-1], "num_train": len(examples)}, results
+    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir)) for split in settings.eval_splits}
+    return {"train_loss_last": losses[-1], "num_train": len(examples)}, results, model, info

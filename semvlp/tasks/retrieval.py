@@ -23,7 +23,7 @@ from semvlp.batching import RegionBank, encode_text
 from semvlp.data.formats import load_flickr30k
 from semvlp.io import atomic_path
 from semvlp.metrics import evaluate_retrieval
-from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, device_of, resume_point, train
+from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, device_of, resume_point, task_info, train
 
 IMAGE_SET = "flickr30k"
 EVAL_PAIRS_PER_BATCH = 512
@@ -59,6 +59,23 @@ class PairInputs:
         return batch
 
 
+def build_model(encoder: Encoder, info: dict) -> RetrievalModel:
+    return RetrievalModel(encoder)
+
+
+def predict(model: RetrievalModel, info: dict, files, split: str, bank: RegionBank, tokenizer, out_dir) -> Path:
+    """scores_{split}.npy: every caption of the split (rows, dataset order) against every image."""
+    scores = score_split(model, files["dataset"], split, bank, tokenizer, info["max_text_length"])
+    path = Path(out_dir) / f"scores_{split}.npy"
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        np.save(file, scores)  # a file object: np.save would add ".npy" to a temporary name
+    return path
+
+
+def evaluate(files, split: str, scores_path) -> dict[str, float]:
+    return evaluate_retrieval(files["dataset"], split, scores_path)
+
+
 def run(
     checkpoint,
     files,
@@ -67,20 +84,25 @@ def run(
     settings: TaskSettings,
     out_dir,
     job=None,
-    negatives: int = 3,
-    caption_negatives: int = 3,
-    hard_negatives: bool = True,
-    candidate_pool: int = 8,
-    hard_negatives_from_epoch: int = 1,
+    *,
+    negatives: int,
+    caption_negatives: int,
+    hard_negatives: bool,
+    candidate_pool: int,
+    hard_negatives_from_epoch: int,
 ):
-    out_dir = Path(out_dir)
     path = files["dataset"]
     images = load_flickr30k(path, settings.train_split)
     captions = [(caption, i) for i, image in enumerate(images) for caption in image.captions]
     captions = captions[: settings.max_train_examples]
-    encoder = Encoder(checkpoint, settings.mode)
+    mining = dict(
+        negatives=negatives, caption_negatives=caption_negatives, hard_negatives=hard_negatives,
+        candidate_pool=candidate_pool, hard_negatives_from_epoch=hard_negatives_from_epoch,
+    )
+    info = task_info("retrieval", settings, checkpoint, len(captions), **mining)
+    encoder = Encoder.from_checkpoint(checkpoint, settings.mode)
     bank = RegionBank({IMAGE_SET: features_path}, box_dim=encoder.config.box_dim)
-    model = RetrievalModel(encoder)
+    model = build_model(encoder, info)
     pair_inputs = PairInputs(bank, tokenizer, settings.max_text_length, [image.img_id for image in images])
     generator = torch.Generator().manual_seed(settings.seed + 7)
     steps_per_epoch = (len(captions) + settings.batch_size - 1) // settings.batch_size
@@ -139,19 +161,10 @@ def run(
             loss = (loss + nn.functional.cross_entropy(captions_ranked, target)) / 2
         return loss
 
-    resume = resume_point(
-        out_dir, checkpoint, task="retrieval", negatives=negatives, caption_negatives=caption_negatives,
-        hard_negatives=hard_negatives, candidate_pool=candidate_pool, hard_negatives_from_epoch=hard_negatives_from_epoch,
-    )
+    resume = resume_point(out_dir, checkpoint, task="retrieval", **mining)
     losses = train(model, captions, loss_of_batch, settings, job, desc="retrieval", generators={"negatives": generator}, **resume)
-    results = {}
-    for split in settings.eval_splits:
-        scores_path = out_dir / f"scores_{split}.npy"
-        scores = score_split(model, path, split, bank, tokenizer, settings.max_text_length)
-        with atomic_path(scores_path) as tmp, open(tmp, "wb") as file:
-            np.save(file, scores)  # a file object: np.save would add ".npy" to a temporary name
-        results[split] = evaluate_retrieval(path, split, scores_path)
-    return {"train_loss_last": losses[-1], "num_train": len(captions)}, results
+    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir)) for split in settings.eval_splits}
+    return {"train_loss_last": losses[-1], "num_train": len(captions)}, results, model, info
 
 
 def draw_excluding(population: int, count: int, excluded, generator: torch.Generator) -> list[int]:

@@ -15,7 +15,9 @@ from semvlp.data.formats import load_vqa
 from semvlp.errors import InputError
 from semvlp.io import write_json
 from semvlp.metrics import evaluate_vqa, normalize_vqa_answer
-from semvlp.tasks.common import AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, resume_point, train
+from semvlp.tasks.common import (
+    AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, resume_point, task_info, train,
+)
 
 IMAGE_SET = "coco"
 
@@ -44,15 +46,33 @@ def training_examples(questions_path, annotations_path, min_answer_count: int) -
     return table, examples
 
 
-def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None, min_answer_count: int = 9):
-    out_dir = Path(out_dir)
+def build_model(encoder: Encoder, info: dict) -> AnswerClassifier:
+    return AnswerClassifier(encoder, len(info["answers"]))
+
+
+def predict(model: AnswerClassifier, info: dict, files, split: str, bank: RegionBank, tokenizer, out_dir) -> Path:
+    """predictions_{split}.json in the official results format; needs the split's questions only."""
+    questions = load_vqa(files[f"{split}_questions"])
+    make_batch = question_batcher(bank, IMAGE_SET, tokenizer, info["max_text_length"])
+    answers = predict_answers(model, questions, make_batch, info["answers"])
+    path = Path(out_dir) / f"predictions_{split}.json"
+    write_json(path, [{"question_id": q.question_id, "answer": a} for q, a in zip(questions, answers)])
+    return path
+
+
+def evaluate(files, split: str, predictions_path) -> dict[str, float]:
+    return evaluate_vqa(files[f"{split}_questions"], files[f"{split}_annotations"], predictions_path)
+
+
+def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None, *, min_answer_count: int):
     split = settings.train_split
     table, examples = training_examples(files[f"{split}_questions"], files[f"{split}_annotations"], min_answer_count)
     examples = examples[: settings.max_train_examples]
+    info = task_info("vqa", settings, checkpoint, len(examples), answers=list(table.answers), min_answer_count=min_answer_count)
 
-    encoder = Encoder(checkpoint, settings.mode)
+    encoder = Encoder.from_checkpoint(checkpoint, settings.mode)
     bank = RegionBank({IMAGE_SET: features_path}, box_dim=encoder.config.box_dim)
-    model = AnswerClassifier(encoder, len(table))
+    model = build_model(encoder, info)
     make_batch = question_batcher(bank, IMAGE_SET, tokenizer, settings.max_text_length)
 
     def loss_of_batch(chunk, step):
@@ -68,12 +88,5 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
         model, examples, loss_of_batch, settings, job, desc="vqa",
         **resume_point(out_dir, checkpoint, task="vqa", min_answer_count=min_answer_count),
     )
-    results = {}
-    for split in settings.eval_splits:
-        questions_path, annotations_path = files[f"{split}_questions"], files[f"{split}_annotations"]
-        questions = load_vqa(questions_path, annotations_path)
-        answers = predict_answers(model, questions, make_batch, table.answers)
-        predictions_path = out_dir / f"predictions_{split}.json"
-        write_json(predictions_path, [{"question_id": q.question_id, "answer": a} for q, a in zip(questions, answers)])
-        results[split] = evaluate_vqa(questions_path, annotations_path, predictions_path)
-    return {"train_loss_last": losses[-1], "num_answers": len(table), "num_train": len(examples)}, results
+    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir)) for split in settings.eval_splits}
+    return {"train_loss_last": losses[-1], "num_answers": len(table), "num_train": len(examples)}, results, model, info

@@ -5,7 +5,7 @@ import os
 from semvlp.config import ablation_variants, variant_model_config
 from semvlp.data import layout
 from semvlp.data.corpus import corpus_source_files
-from semvlp.io import code_fingerprint
+from semvlp.fingerprint import rule_fingerprint
 
 
 DATA_ROOT = config["data"]["root"]
@@ -58,11 +58,25 @@ def schedule(variant):
 
 
 def final_checkpoint(wildcards):
-    return f"results/pretrain/{wildcards.variant}/phase{len(schedule(wildcards.variant))}.pt"
+    return f"results/pretrain/{wildcards.variant}/phase{len(schedule(wildcards.variant))}.safetensors"
 
 
 def previous_checkpoint(wildcards):
-    return f"results/pretrain/{wildcards.variant}/phase{int(wildcards.index) - 1}.pt"
+    return f"results/pretrain/{wildcards.variant}/phase{int(wildcards.index) - 1}.safetensors"
+
+
+def model_recipe(wildcards):
+    """The config that makes a variant's pre-trained model (its model card's recipe)."""
+    pretrain = config["pretrain"]
+    phases = schedule(wildcards.variant)
+    # a variant without phases (the ablation's `none`) is its initialisation: no phase setting made it
+    training = ("phase", "masking", "itm_mismatch_ratio", "itm_sources", "loss_weights") if phases else ()
+    return {
+        "data": {"root": DATA_ROOT, "corpus": config["data"]["corpus"]},
+        "regions": {key: config["regions"][key] for key in ("backend", "selection", "feature_dtype")},
+        "model": variant_model_config(config, wildcards.variant),
+        "pretrain": {"schedule": phases, "seed": pretrain["seed"], **{key: pretrain[key] for key in training}},
+    }
 
 
 def phase_mode(wildcards):
@@ -79,16 +93,15 @@ def finetune_outputs(variants, seeds=SEEDS):
     )
 
 
-# Code fingerprints: editing a stage's modules changes its params, so Snakemake reruns its jobs.
-CODE = {
-    "data": code_fingerprint("semvlp.data", "semvlp.io"),
-    "corpus": code_fingerprint("semvlp.data", "semvlp.metrics"),
-    "tokenizer": code_fingerprint("semvlp.tokenization"),
-    "regions": code_fingerprint("semvlp.regions", "semvlp.features"),
-    "model": code_fingerprint("semvlp.model", "semvlp.objectives", "semvlp.pretrain", "semvlp.batching", "semvlp.engine", "semvlp.loader"),
-    "tasks": code_fingerprint("semvlp.model", "semvlp.tasks", "semvlp.batching", "semvlp.metrics", "semvlp.data", "semvlp.engine", "semvlp.pretrain"),
-    "report": code_fingerprint("semvlp.report"),
-}
+# Code fingerprints (semvlp.fingerprint): the digest of every module a rule's jobs run, in its params,
+# so that editing a module reruns exactly those jobs.
+def code(rule):
+    return rule_fingerprint(rule)
+
+
+def task_code(wildcards):
+    """A fine-tuning job also runs its task's module, which semvlp.tasks imports by name."""
+    return rule_fingerprint("finetune", f"semvlp.tasks.{wildcards.task}")
 
 
 def detector_weights():

@@ -11,7 +11,7 @@ if config["data"].get("generate"):
         params:
             spec=config["data"]["generate"],
             root=lambda wildcards, output: os.path.dirname(output.manifest),
-            code=CODE["data"],
+            code=code("generate_world"),
         log:
             "results/logs/generate_world.log",
         benchmark:
@@ -32,7 +32,7 @@ rule build_corpus:
         answers="results/corpus/answers.json",
     params:
         corpus=config["data"]["corpus"],
-        code=CODE["corpus"],
+        code=code("build_corpus"),
     log:
         "results/logs/build_corpus.log",
     benchmark:
@@ -52,7 +52,7 @@ rule train_tokenizer:
         "results/tokenizer/vocab.txt",
     params:
         vocab_size=config["model"]["vocab_size"],
-        code=CODE["tokenizer"],
+        code=code("train_tokenizer"),
     log:
         "results/logs/train_tokenizer.log",
     benchmark:

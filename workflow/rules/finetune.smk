@@ -1,4 +1,5 @@
 # Fine-tuning and evaluation: one job per (variant, task, seed), from the variant's last checkpoint.
+# Each job keeps its model (model/: `semvlp predict` predicts other splits with it).
 
 
 rule finetune:
@@ -9,10 +10,11 @@ rule finetune:
         tokenizer=tokenizer_vocab(),
     output:
         metrics="results/finetune/{variant}/{task}/seed{seed}/metrics.json",
+        model=directory("results/finetune/{variant}/{task}/seed{seed}/model"),
     params:
         task_config=lambda wildcards: config["finetune"]["tasks"][wildcards.task],
         max_text_length=config["model"]["max_text_length"],
-        code=CODE["tasks"],
+        code=task_code,
     log:
         "results/logs/finetune/{variant}/{task}/seed{seed}.log",
     benchmark:

@@ -8,11 +8,11 @@ rule init_model:
         answers="results/corpus/answers.json",
         **pretrain_features(),
     output:
-        "results/pretrain/{variant}/phase0.pt",
+        "results/pretrain/{variant}/phase0.safetensors",
     params:
         model=lambda wildcards: variant_model_config(config, wildcards.variant),
         seed=config["pretrain"]["seed"],
-        code=CODE["model"],
+        code=code("init_model"),
     log:
         "results/logs/init_model/{variant}.log",
     benchmark:
@@ -37,7 +37,7 @@ rule pretrain_phase:
         tokenizer=tokenizer_vocab(),
         **pretrain_features(),
     output:
-        checkpoint="results/pretrain/{variant}/phase{index}.pt",
+        checkpoint="results/pretrain/{variant}/phase{index}.safetensors",
         metrics="results/pretrain/{variant}/phase{index}.metrics.json",
     wildcard_constraints:
         index=r"[1-9]\d*",  # phase0 is the initial checkpoint (rule init_model)
@@ -52,7 +52,7 @@ rule pretrain_phase:
         loss_weights=config["pretrain"]["loss_weights"],
         seed=config["pretrain"]["seed"],
         max_text_length=config["model"]["max_text_length"],
-        code=CODE["model"],
+        code=code("pretrain_phase"),
     log:
         "results/logs/pretrain_phase/{variant}/phase{index}.log",
     benchmark:

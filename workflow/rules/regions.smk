@@ -16,7 +16,7 @@ if BACKEND == "torchvision" and REGIONS["torchvision"]["weights"] is None:
         params:
             train=REGIONS["train_detector"],
             torchvision=REGIONS["torchvision"],
-            code=CODE["regions"],
+            code=code("train_detector"),
         log:
             "results/logs/train_detector.log",
         benchmark:
@@ -39,7 +39,7 @@ if BACKEND == "tsv":
             features("{image_set}"),
         params:
             feature_dtype=REGIONS["feature_dtype"],
-            code=CODE["regions"],
+            code=code("import_tsv_features"),
         log:
             "results/logs/import_tsv_features/{image_set}.log",
         benchmark:
@@ -67,7 +67,7 @@ else:
             feature_dtype=REGIONS["feature_dtype"],
             skip_bad_images=REGIONS["skip_bad_images"],
             num_shards=REGIONS["shards"],
-            code=CODE["regions"],
+            code=code("extract_regions"),
         log:
             "results/logs/extract_regions/{image_set}/shard{shard}.log",
         benchmark:
@@ -87,7 +87,7 @@ else:
         output:
             features("{image_set}"),
         params:
-            code=CODE["regions"],
+            code=code("index_regions"),
         log:
             "results/logs/index_regions/{image_set}.log",
         benchmark:
