@@ -3,23 +3,28 @@
 Backends and inputs:
 
 * torchvision ``tiny`` (the embedded world's detector) on 96x96 rendered scenes (`semvlp.data.world`),
-* torchvision ``resnet50_fpn`` (torchvision's fasterrcnn_resnet50_fpn layout) on scikit-image photos
-  resized to 600 px short side (1000 px cap), as bottom-up-attention extracts,
+* torchvision ``resnet50_fpn`` (torchvision's fasterrcnn_resnet50_fpn layout) on scikit-image photos at
+  640 x 480, resized to 600 px short side (1000 px cap), as bottom-up-attention extracts,
 * detectron2 model-zoo R50-FPN and R50-C4 at 600 px, when detectron2 is importable.
 
 Weights are random unless given (`--tiny-weights`, `--resnet50-weights`): throughput depends on the
 architecture and on the number of proposals scored (fixed per model), not on the weights. Every number
-is one `RegionExtractor.extract` call per image (PIL image in, RegionRecord out, selection and re-pooling
-included), after warm-up images, with the selection LXMERT uses (10-36 boxes, threshold 0.2).
+is `RegionExtractor.extract_batch` over batches of up to `--batch-sizes` images of one padded size (as
+`extract_image_set` batches them) (PIL images in, RegionRecords
+out, selection and re-pooling included), after warm-up batches, with the selection LXMERT uses (10-36
+boxes, threshold 0.2). The speed-up of each batch size is against batch 1 in the same run; the largest
+differences of batched against one-at-a-time records (boxes in pixels, features) are printed with it.
+The last line is one JSON object with every row.
 
     python benchmarks/extraction.py                       # torch's default thread count
-    python benchmarks/extraction.py --threads 1 --images 20
+    python benchmarks/extraction.py --threads 1 --images 20 --batch-sizes 1 4 8
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import shlex
 import sys
 import tempfile
@@ -31,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semvlp.regions.extract import RegionExtractor, build_extractor  # noqa: E402
+from semvlp.regions.extract import RegionExtractor, build_extractor, size_batches  # noqa: E402
 from semvlp.regions.torchvision_backend import DetectorSpec, build_detector, save_detector  # noqa: E402
 
 SELECTION = {"score_threshold": 0.2, "nms_iou": 0.3, "min_boxes": 10, "max_boxes": 36}
@@ -50,21 +55,37 @@ def scenes(count: int) -> list[Image.Image]:
 
 
 def photos(count: int) -> list[Image.Image]:
+    """scikit-image photos at 640 x 480, COCO's most common size (so that batches fill up)."""
     from skimage import data
 
-    images = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+    images = [Image.fromarray(getattr(data, name)()).convert("RGB").resize((640, 480)) for name in PHOTOS]
     return [images[i % len(images)] for i in range(count)]
 
 
-def measure(extractor: RegionExtractor, images: list[Image.Image], warmup: int) -> tuple[float, float]:
-    """(images/s, mean boxes) over `images` after `warmup` untimed calls."""
-    for image in images[:warmup]:
-        extractor.extract(image)
+def measure(extractor: RegionExtractor, images: list[Image.Image], batch_size: int, warmup: int) -> tuple[float, list]:
+    """(images/s, records) over `images` in batches of `batch_size`, after `warmup` untimed batches."""
+    # as extract_image_set batches: images of one padded input size together
+    batches = [[images[i] for i in batch] for batch in size_batches([im.size for im in images], extractor, batch_size)]
+    for batch in batches[:warmup]:
+        extractor.extract_batch(batch, [""] * len(batch))
     started = time.perf_counter()
-    boxes = 0
-    for image in images:
-        boxes += extractor.extract(image).num_boxes
-    return len(images) / (time.perf_counter() - started), boxes / len(images)
+    records = []
+    for batch in batches:
+        records += extractor.extract_batch(batch, [""] * len(batch))
+    return len(images) / (time.perf_counter() - started), records
+
+
+def differences(reference: list, other: list) -> dict[str, float | bool]:
+    """Largest differences between one-at-a-time and batched records of the same images."""
+    same_boxes = all(a.num_boxes == b.num_boxes and (a.obj_ids == b.obj_ids).all() for a, b in zip(reference, other))
+    if not same_boxes:
+        return {"same_selection": False}
+    return {
+        "same_selection": True,
+        "max_box_px": max(float(abs(a.boxes - b.boxes).max()) for a, b in zip(reference, other)),
+        "max_feature": max(float(abs(a.features - b.features).max()) for a, b in zip(reference, other)),
+        "max_abs_feature": max(float(abs(a.features).max()) for a in reference),
+    }
 
 
 def random_torchvision_weights(backbone: str, folder: Path) -> Path:
@@ -95,7 +116,8 @@ def random_detectron2_weights(config_name: str, folder: Path) -> tuple[Path, Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=12, help="timed images per large model (tiny: 10x)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches before timing")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="the first is the baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tiny-weights", type=Path, default=None)
@@ -124,16 +146,29 @@ def main() -> None:
             print("detectron2 is not installed: its rows are skipped\n")
         for backend, model, inputs, cfg, images in runs:
             extractor = build_extractor({"backend": backend, "selection": SELECTION, "device": args.device, **cfg})
-            rate, mean_boxes = measure(extractor, images, args.warmup)
-            rows.append((backend, model, inputs, extractor.feature_dim, len(images), mean_boxes, rate))
+            baseline_rate, baseline = None, None
+            for batch_size in args.batch_sizes:
+                rate, records = measure(extractor, images, batch_size, args.warmup)
+                if baseline is None:
+                    baseline_rate, baseline = rate, records
+                rows.append({
+                    "backend": backend, "model": model, "input": inputs, "feature_dim": extractor.feature_dim,
+                    "images": len(images), "batch_size": batch_size,
+                    "boxes_per_image": sum(r.num_boxes for r in records) / len(records),
+                    "images_per_s": rate, "speedup": rate / baseline_rate, **differences(baseline, records),
+                })
 
     print(f"device: {args.device}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}")
-    header = ("backend", "model", "input", "feature dim", "images", "boxes/img", "images/s", "s/image")
+    header = ("backend", "model", "input", "dim", "images", "batch", "boxes/img", "images/s", "speed-up", "max box diff px", "max feature diff")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for backend, model, inputs, dim, count, mean_boxes, rate in rows:
-        print(f"| {backend} | {model} | {inputs} | {dim} | {count} | {mean_boxes:.1f} | {rate:.2f} | {1 / rate:.3f} |")
+    for r in rows:
+        diff = (f"{r['max_box_px']:.2g} | {r['max_feature']:.2g} (of {r['max_abs_feature']:.2g})" if r["same_selection"]
+                else "other boxes | -")
+        print(f"| {r['backend']} | {r['model']} | {r['input']} | {r['feature_dim']} | {r['images']} | {r['batch_size']} | "
+              f"{r['boxes_per_image']:.1f} | {r['images_per_s']:.2f} | {r['speedup']:.2f} | {diff} |")
     print("\nreproduce (from the repository root): python benchmarks/extraction.py " + shlex.join(sys.argv[1:]))
+    print(json.dumps({"device": args.device, "threads": torch.get_num_threads(), "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -179,6 +179,13 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return validate_config(config)
 
 
+def extraction_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What of the `regions` section the region extractor reads (the extract_regions rule's param; see
+    semvlp.regions.extract.extractor_settings): the backend, its section, the box selection."""
+    regions = config["regions"]
+    return {key: regions[key] for key in ("backend", regions["backend"], "selection") if key in regions}
+
+
 def variant_model_config(config: dict[str, Any], variant: str) -> dict[str, Any]:
     """The model section with the variant's overrides applied."""
     model = dict(config["model"])

@@ -145,29 +145,26 @@ def _train_detector(smk, job):
     job.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
 
 
-def extractor_config(smk) -> dict[str, Any]:
-    cfg = {"backend": smk.params.backend, **smk.params.backend_config, "selection": smk.params.selection}
-    if smk.params.backend == "torchvision":
-        cfg.pop("representation_size", None)  # a property of training; a checkpoint knows its own
-        if not cfg.get("weights"):
-            cfg["weights"] = smk.input.weights[0]
-    return cfg
-
-
 @handler("extract_regions")
 def _extract_regions(smk, job):
-    from semvlp.regions.extract import extract_image_set, list_images
+    from semvlp.engine import default_device
+    from semvlp.regions.extract import extract_image_set, extractor_settings, list_images
 
+    detector = smk.input.weights[0] if smk.input.weights else None  # the detector trained here
+    settings = extractor_settings(smk.params.regions, detector, device=str(default_device()))
     images = list_images(smk.input.images)
     stats = extract_image_set(
         images,
         smk.output[0],
-        extractor_config(smk),
+        settings,
         shard=int(smk.wildcards.shard),
         num_shards=smk.params.num_shards,
         skip_bad_images=smk.params.skip_bad_images,
         feature_dtype=smk.params.feature_dtype,
+        batch_size=smk.params.batch_size,
+        num_workers=smk.resources.loader_workers,
     )
+    job.set_tags({"semvlp.device": settings["device"]})
     job.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
 
 

@@ -610,3 +610,198 @@ def test_detectron2_extraction_contract_on_real_photos(config_name, feature_dim,
         assert record.features.shape == (record.num_boxes, feature_dim)
         assert (record.boxes[:, [0, 2]] <= image.width).all() and (record.boxes[:, [1, 3]] <= image.height).all()
         assert record.obj_ids.max() < 80
+
+
+# --------------------------------------------------------------------------------------------------
+# The config-to-backend contract, batched extraction, EXIF orientation
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "detectron2"])
+def test_the_configs_extractor_settings_are_what_the_backend_reads(backend):
+    """From a schema-validated config (defaults applied), the settings the extract_regions rule builds
+    hold only keys its backend reads, and every key the schema documents for the backend means
+    something there (or to the detector trained here). Needs no detectron2."""
+    import yaml
+
+    from semvlp.config import extraction_config, validate_config
+    from semvlp.regions.extract import BACKEND_SETTINGS, TRAINING_SETTINGS, extractor_settings
+
+    repo = Path(__file__).resolve().parent.parent
+    config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    config["regions"]["backend"] = backend
+    if backend == "detectron2":
+        config["regions"]["detectron2"] = {"config_file": "faster_rcnn_R_101_C4_attr.yaml", "weights": "model.pkl"}
+    settings = extractor_settings(extraction_config(validate_config(config)), "results/detector/detector.pt")
+    accepted = BACKEND_SETTINGS[backend]
+    training = set(TRAINING_SETTINGS.get(backend, ()))
+    assert set(settings) <= accepted, f"the backend does not read {sorted(set(settings) - accepted)}"
+    schema = yaml.safe_load((repo / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    documented = schema["properties"]["regions"]["properties"][backend]["properties"]
+    assert set(documented) <= accepted | training, f"documented but read by nothing: {sorted(set(documented) - accepted - training)}"
+    assert {key for key, value in documented.items() if "default" in value} - training <= set(settings)
+
+
+def test_the_rules_torchvision_settings_build_the_trained_detector(trained):
+    import yaml
+
+    from semvlp.config import extraction_config, validate_config
+    from semvlp.regions.extract import extractor_settings
+
+    checkpoint, _ = trained
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "config.yaml").read_text())
+    extractor = build_extractor(extractor_settings(extraction_config(validate_config(config)), str(checkpoint)))
+    assert extractor.provenance()["weights"] == str(checkpoint) and extractor.feature_dim == 256
+
+
+def _max_differences(single, batched) -> dict[str, float]:
+    """Largest differences between two lists of records of the same images."""
+    assert [r.num_boxes for r in single] == [r.num_boxes for r in batched]
+    return {
+        "boxes_px": max(float(np.abs(a.boxes - b.boxes).max()) for a, b in zip(single, batched)),
+        "features": max(float(np.abs(a.features - b.features).max()) for a, b in zip(single, batched)),
+        "feature_scale": max(float(np.abs(a.features).max()) for a in single),
+        "obj_confs": max(float(np.abs(a.obj_confs - b.obj_confs).max()) for a, b in zip(single, batched)),
+    }
+
+
+def photo_extractor(weights: Path):
+    return build_extractor({
+        "backend": "torchvision", "weights": str(weights), "backbone": "resnet50_fpn",
+        "categories": ["person", "cup", "cat", "table", "plant"], "min_size": 320, "max_size": 512,
+        "selection": SCENE_SELECTION,
+    })
+
+
+def test_a_batch_of_one_padded_size_matches_one_image_at_a_time(resnet50_fpn_weights):
+    """Four real photos cut to 400 x 300: one network-input size, so the batch pads nothing more than
+    each image alone. Same boxes, classes and order; the measured differences are float rounding."""
+    extractor = photo_extractor(resnet50_fpn_weights)
+    names = ("astronaut", "coffee", "chelsea", "rocket")
+    images = [photo(name).convert("RGB").crop((0, 0, 400, 300)) for name in names]
+    assert len({extractor.padded_size(*image.size) for image in images}) == 1
+    single = [extractor.extract(image, name) for image, name in zip(images, names)]
+    batched = extractor.extract_batch(images, list(names))
+    differences = _max_differences(single, batched)
+    print("one padded size, batch of 4 vs one at a time:", differences)
+    for a, b in zip(single, batched):
+        np.testing.assert_array_equal(a.obj_ids, b.obj_ids)
+    assert differences["boxes_px"] <= 1e-2 and differences["features"] <= 1e-3 and differences["obj_confs"] <= 1e-4
+
+
+def test_images_of_other_sizes_in_one_batch_get_other_boxes_so_extract_image_set_groups_by_size(resnet50_fpn_weights, tmp_path):
+    """A batch pads every image to its largest: an image with more padding than it has alone gets other
+    proposals (anchors over the padding compete for the RPN's top-k) and so other boxes, the
+    batching problem py-bottom-up-attention#3 reports. extract_image_set batches by padded size, so its
+    file is the same at any batch size."""
+    extractor = photo_extractor(resnet50_fpn_weights)
+    names = ("astronaut", "coffee", "chelsea", "camera", "rocket")  # 512x512, 400x600, 300x451, 512x512, 427x640
+    images = [photo(name).convert("RGB") for name in names]
+    single = [extractor.extract(image, name) for image, name in zip(images, names)]
+    mixed = extractor.extract_batch(images, list(names))
+    moved = [float(np.abs(a.boxes - b.boxes).max()) if a.num_boxes == b.num_boxes else float("inf") for a, b in zip(single, mixed)]
+    print("mixed sizes in one batch, largest box move per image (px):", dict(zip(names, moved)))
+    assert max(moved) > 10  # mixing sizes is not harmless: that is why extract_image_set groups them
+
+    for name, image in zip(names, images):
+        image.save(tmp_path / f"{name}.png")
+    paths = sorted(tmp_path.glob("*.png"))
+    cfg = {"backend": "torchvision", "weights": str(resnet50_fpn_weights), "backbone": "resnet50_fpn",
+           "categories": ["person", "cup", "cat", "table", "plant"], "min_size": 320, "max_size": 512, "selection": SCENE_SELECTION}
+    extract_image_set(paths, tmp_path / "b1.h5", cfg, batch_size=1, feature_dtype="float32")
+    extract_image_set(paths, tmp_path / "b4.h5", cfg, batch_size=4, feature_dtype="float32")
+    one, four = FeatureReader(tmp_path / "b1.h5"), FeatureReader(tmp_path / "b4.h5")
+    differences = _max_differences([one.get(i) for i in one.ids], [four.get(i) for i in four.ids])
+    print("extract_image_set, batch 4 vs batch 1:", differences)
+    assert differences["boxes_px"] <= 1e-2 and differences["features"] <= 1e-3
+
+
+def test_extract_image_set_gives_the_same_file_at_any_batch_size_and_worker_count(trained, scenes, tmp_path):
+    checkpoint, _ = trained
+    cfg = {"backend": "torchvision", "weights": str(checkpoint), "selection": SCENE_SELECTION}
+    paths = _image_folder(scenes, tmp_path / "images", 7)
+    readers = {}
+    for batch_size, workers in ((1, 0), (3, 2)):
+        out = tmp_path / f"b{batch_size}w{workers}.h5"
+        stats = extract_image_set(paths, out, cfg, batch_size=batch_size, num_workers=workers, feature_dtype="float32")
+        assert stats["images"] == 7 and stats["batch_size"] == batch_size
+        readers[batch_size] = FeatureReader(out)
+        assert readers[batch_size].provenance["batch_size"] == batch_size
+        assert readers[batch_size].provenance["device"] == "cpu"
+    one, three = readers[1], readers[3]
+    assert one.ids == three.ids
+    single = [one.get(i) for i in one.ids]
+    batched = [three.get(i) for i in three.ids]
+    differences = _max_differences(single, batched)
+    assert differences["boxes_px"] <= 1e-3 and differences["features"] <= 1e-4, differences
+
+
+def _jpeg_with_orientation(image: Image.Image, path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    image.save(path, quality=100, subsampling=0, exif=exif)
+
+
+def test_a_rotated_jpeg_with_its_exif_orientation_is_extracted_upright(resnet50_fpn_weights, tmp_path):
+    """A camera stores the sensor's pixels and says in EXIF how to turn them; extraction must see the
+    photo upright. A real photo, stored turned by 90 degrees with orientation 6 ("rotate 90 CW to view")."""
+    from semvlp.regions.extract import load_image
+
+    upright = photo("coffee").convert("RGB")  # 600 x 400: both sides multiples of 8, so the JPEG blocks turn with it
+    _jpeg_with_orientation(upright.transpose(Image.Transpose.ROTATE_90), tmp_path / "rotated.jpg", 6)
+    stored = Image.open(tmp_path / "rotated.jpg").convert("RGB")
+    assert stored.size == (upright.height, upright.width)  # the file's pixels are turned
+    seen = load_image(tmp_path / "rotated.jpg")
+    # exactly the file's pixels turned back, and the photo as it was (JPEG at quality 100 loses little)
+    assert np.array_equal(np.asarray(seen), np.asarray(stored.transpose(Image.Transpose.ROTATE_270)))
+    assert seen.size == upright.size
+    assert np.abs(np.asarray(seen, np.int16) - np.asarray(upright, np.int16)).mean() < 1.0
+
+    extractor = photo_extractor(resnet50_fpn_weights)
+    record = extractor.extract(seen, "rotated")
+    turned_back = extractor.extract(stored.transpose(Image.Transpose.ROTATE_270), "reference")
+    assert (record.img_w, record.img_h) == upright.size
+    assert np.array_equal(record.boxes, turned_back.boxes) and np.array_equal(record.obj_ids, turned_back.obj_ids)
+    assert (record.boxes[:, [0, 2]] <= upright.width).all() and (record.boxes[:, [1, 3]] <= upright.height).all()
+    # the file read without its orientation is another image: other size, other boxes
+    assert extractor.extract(stored, "sideways").img_w == upright.height
+
+
+@pytest.mark.slow
+def test_detectron2_backend_through_the_workflow(tmp_path):
+    """regions.backend: detectron2 from config to feature store: a random-weight R50-C4 Faster R-CNN with
+    1600 classes (the bottom-up-attention class count), `attributes` left at its schema default."""
+    pytest.importorskip("detectron2", reason="detectron2 is optional and not installed; install it by its own instructions")
+    import yaml
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from conftest import TINY, run_snakemake
+
+    import detectron2
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(Path(detectron2.__file__).parent / "model_zoo" / "configs" / "COCO-Detection" / "faster_rcnn_R_50_C4_1x.yaml"))
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1600
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 192, 320  # the embedded world's 96 px scenes, upscaled
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for layer in (model.proposal_generator.rpn_head.anchor_deltas, model.roi_heads.box_predictor.bbox_pred):
+        torch.nn.init.zeros_(layer.weight)  # random deltas would push every box off an untrained net's image
+        torch.nn.init.zeros_(layer.bias)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "r50_c4_1600.yaml").write_text(cfg.dump())
+    torch.save({"model": model.state_dict()}, tmp_path / "models" / "r50_c4_1600.pth")
+    override = {"regions": {"backend": "detectron2", "batch_size": 2,
+                            "detectron2": {"config_file": "models/r50_c4_1600.yaml", "weights": "models/r50_c4_1600.pth"}}}
+    (tmp_path / "detectron2.yaml").write_text(yaml.safe_dump(override))
+    result = run_snakemake(tmp_path, "results/features/coco.h5", "--cores", "2", "--configfile", TINY, str(tmp_path / "detectron2.yaml"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    reader = FeatureReader(tmp_path / "results" / "features" / "coco.h5")
+    provenance = reader.provenance
+    assert provenance["backend"] == "detectron2" and provenance["num_object_classes"] == 1600
+    assert provenance["attributes"] is True and provenance["num_attribute_classes"] == 0  # the zoo model has no attribute head
+    assert provenance["batch_size"] == 2 and reader.feature_dim == 2048
+    tiny = yaml.safe_load(Path(TINY).read_text())
+    minimum = tiny.get("regions", {}).get("selection", {}).get("min_boxes", 1)
+    assert len(reader) > 0 and all(reader.get(i).num_boxes >= minimum for i in reader.ids[:10])

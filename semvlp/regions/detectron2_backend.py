@@ -18,6 +18,7 @@ selected boxes (exported with them).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class Detectron2Backend:
         min_size: int | None = None,
         max_size: int | None = None,
         rpn_post_nms_top_n_test: int | None = 300,
+        attributes: bool = True,
         device: str = "cpu",
     ):
         for path, what in ((config_path, "detectron2 config file"), (weights_path, "detectron2 weights file")):
@@ -88,6 +90,7 @@ class Detectron2Backend:
         self.config_path = config_path
         self.weights_path = weights_path
         self.selection = selection
+        self.attributes = attributes
 
         cfg = d2["get_cfg"]()
         try:
@@ -165,8 +168,11 @@ class Detectron2Backend:
 
     @property
     def num_attributes(self) -> int:
+        """Attribute classes predicted: the model's attribute head's (0 without one, or with `attributes` off)."""
         attr_score = getattr(self.model.roi_heads.box_predictor, "attr_score", None)
-        return 0 if attr_score is None else int(attr_score.out_features) - 1  # last = "no attribute"
+        if attr_score is None or not self.attributes:
+            return 0
+        return int(attr_score.out_features) - 1  # last = "no attribute"
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -182,31 +188,43 @@ class Detectron2Backend:
             "feature_dim": self.feature_dim,
             "num_object_classes": int(self.model.roi_heads.box_predictor.cls_score.out_features) - 1,
             "num_attribute_classes": self.num_attributes,
+            "attributes": self.attributes,
             "selection": asdict(self.selection),
         }
 
-    def _pool(self, features: dict[str, torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
-        """RoI feature of each box (n, 4) in resized-image pixels -> (n, feature_dim)."""
+    def _pool(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
+        """RoI feature of each box of each image ((n_i, 4) in resized-image pixels) -> (sum n_i, feature_dim)."""
         roi_heads = self.model.roi_heads
-        box_list = [self._d2["Boxes"](boxes)]
+        box_list = [self._d2["Boxes"](image_boxes) for image_boxes in boxes]
         if hasattr(roi_heads, "_shared_roi_transform"):  # C4: res5 on the pooled RoI, then mean over it
             res5 = roi_heads._shared_roi_transform([features[f] for f in roi_heads.in_features], box_list)
             return res5.mean(dim=[2, 3])
         pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], box_list)
         return roi_heads.box_head(pooled)
 
-    @torch.inference_mode()
-    def extract_regions(self, image: Image.Image) -> DetectedRegions:
+    def _input_tensor(self, image: Image.Image) -> torch.Tensor:
+        """(3, h, w) float pixels in the model's channel order, resized to the test size."""
         rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
         pixels = np.ascontiguousarray(rgb[:, :, ::-1]) if self.cfg.INPUT.FORMAT == "BGR" else rgb
         resized = self.resize.get_transform(pixels).apply_image(pixels)  # (h, w, 3)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
-        images = self.model.preprocess_image([{"image": tensor.to(self.device)}])
-        resized_hw = (int(images.image_sizes[0][0]), int(images.image_sizes[0][1]))
+        return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
 
-        features = self.model.backbone(images.tensor)
-        proposals, _ = self.model.proposal_generator(images, features, None)
-        proposal_boxes = proposals[0].proposal_boxes.tensor  # (P, 4)
+    def padded_size(self, width: int, height: int) -> tuple[int, int]:
+        """(h, w) of the network input of a width x height image: resized to the test size, padded to the
+        backbone's size divisibility. Images of one padded size batch exactly as they run alone."""
+        short = self.cfg.INPUT.MIN_SIZE_TEST
+        h, w = self._d2["ResizeShortestEdge"].get_output_shape(height, width, short, self.cfg.INPUT.MAX_SIZE_TEST)
+        divisor = max(1, int(self.model.backbone.size_divisibility))
+        return tuple(int(math.ceil(side / divisor) * divisor) for side in (h, w))
+
+    @torch.inference_mode()
+    def extract_batch(self, images: list[Image.Image]) -> list[DetectedRegions]:
+        """Regions of each image in one forward pass; the model pads the batch to its largest image
+        (to a multiple of its SIZE_DIVISIBILITY), proposals, selection and pooling are per image."""
+        batch = self.model.preprocess_image([{"image": self._input_tensor(image).to(self.device)} for image in images])
+        features = self.model.backbone(batch.tensor)
+        proposals, _ = self.model.proposal_generator(batch, features, None)
+        proposal_boxes = [p.proposal_boxes.tensor for p in proposals]  # [(P_i, 4)]
 
         roi_heads = self.model.roi_heads
         predictor = roi_heads.box_predictor
@@ -214,48 +232,58 @@ class Detectron2Backend:
         class_logits, box_deltas = outputs[0], outputs[-1]  # the fork returns (class, attribute, deltas)
         # Recent detectron2 keeps the box transform on the predictor, older builds on the ROI heads.
         box_transform = getattr(predictor, "box2box_transform", None) or roi_heads.box2box_transform
-        boxes = box_transform.apply_deltas(box_deltas, proposal_boxes)  # (P, K*4) or (P, 4)
-        boxes = clip_boxes_to_image(boxes.view(len(proposal_boxes), -1, 4), resized_hw)  # (P, K or 1, 4)
+        boxes = box_transform.apply_deltas(box_deltas, torch.cat(proposal_boxes))  # (sum P_i, K*4) or (sum P_i, 4)
         if getattr(predictor, "use_sigmoid_ce", False):
             probabilities = class_logits.sigmoid()
         else:
             probabilities = class_logits.softmax(dim=-1)
-        # detectron2 puts the background class last.
-        kept = select_regions(boxes.squeeze(1) if boxes.shape[1] == 1 else boxes, probabilities[:, :-1], self.selection)
+        counts = [len(b) for b in proposal_boxes]
+        kept = []
+        for image_boxes, image_probabilities, size in zip(boxes.split(counts), probabilities.split(counts), batch.image_sizes):
+            resized_hw = (int(size[0]), int(size[1]))
+            image_boxes = clip_boxes_to_image(image_boxes.view(len(image_boxes), -1, 4), resized_hw)  # (P, K or 1, 4)
+            # detectron2 puts the background class last
+            candidates = image_boxes.squeeze(1) if image_boxes.shape[1] == 1 else image_boxes
+            kept.append((select_regions(candidates, image_probabilities[:, :-1], self.selection), resized_hw))
 
-        pooled = self._pool(features, kept.boxes)  # (n, D)
-        n = len(kept.indices)
-        attr_ids = torch.zeros(n, dtype=torch.int64, device=pooled.device)
-        attr_confs = torch.zeros(n, device=pooled.device)
-        if self.num_attributes and n:
-            _, attr_logits, _ = predictor(pooled)
-            # As the py-bottom-up-attention demos: drop the last ("no attribute") logit, then softmax.
-            attr_confs, attr_ids = attr_logits[:, :-1].softmax(dim=-1).max(dim=-1)
+        pooled_all = self._pool(features, [k.boxes for k, _ in kept])  # (sum n_i, D)
+        regions = []
+        for (k, resized_hw), pooled, image in zip(kept, pooled_all.split([len(k.indices) for k, _ in kept]), images):
+            n = len(k.indices)
+            attr_ids = torch.zeros(n, dtype=torch.int64, device=pooled.device)
+            attr_confs = torch.zeros(n, device=pooled.device)
+            if self.num_attributes and n:
+                _, attr_logits, _ = predictor(pooled)
+                # As the py-bottom-up-attention demos: drop the last ("no attribute") logit, then softmax.
+                attr_confs, attr_ids = attr_logits[:, :-1].softmax(dim=-1).max(dim=-1)
+            scale = torch.tensor([image.width / resized_hw[1], image.height / resized_hw[0]] * 2, device=k.boxes.device)
+            regions.append(DetectedRegions(
+                boxes=k.boxes * scale,
+                features=pooled,
+                obj_ids=k.obj_ids,
+                obj_confs=k.obj_confs,
+                attr_ids=attr_ids,
+                attr_confs=attr_confs,
+            ))
+        return regions
 
-        scale = torch.tensor(
-            [image.width / resized_hw[1], image.height / resized_hw[0]] * 2, device=kept.boxes.device
-        )
-        return DetectedRegions(
-            boxes=kept.boxes * scale,
-            features=pooled,
-            obj_ids=kept.obj_ids,
-            obj_confs=kept.obj_confs,
-            attr_ids=attr_ids,
-            attr_confs=attr_confs,
-        )
+
+# The extractor settings this backend reads (semvlp.regions.extract checks configs against them);
+# known without detectron2, which is imported only when a backend is built.
+SETTINGS = frozenset(
+    {"backend", "config_file", "weights", "attributes", "min_size", "max_size", "rpn_post_nms_top_n_test", "selection", "device"}
+)
 
 
 def build_detectron2_backend(cfg: dict[str, Any]) -> Detectron2Backend:
     """Backend from an extractor config dict.
 
-    Keys: ``config_file`` and ``weights`` (local paths, required); ``min_size``, ``max_size``,
+    Keys: ``config_file`` and ``weights`` (local paths, required); ``attributes`` (predict attributes
+    with the model's attribute head when it has one; default true); ``min_size``, ``max_size``,
     ``rpn_post_nms_top_n_test`` (test-time overrides; proposals default to 300 as bottom-up-attention);
     ``selection`` (SelectionConfig fields); ``device`` (default "cpu").
     """
-    allowed = {
-        "backend", "config_file", "weights", "min_size", "max_size", "rpn_post_nms_top_n_test", "selection", "device",
-    }
-    unknown = set(cfg) - allowed
+    unknown = set(cfg) - SETTINGS
     if unknown:
         raise ValueError(f"unknown detectron2 extractor settings: {sorted(unknown)}")
     missing = [k for k in ("config_file", "weights") if k not in cfg]
@@ -268,5 +296,6 @@ def build_detectron2_backend(cfg: dict[str, Any]) -> Detectron2Backend:
         min_size=cfg.get("min_size"),
         max_size=cfg.get("max_size"),
         rpn_post_nms_top_n_test=cfg.get("rpn_post_nms_top_n_test", 300),
+        attributes=cfg.get("attributes", True),
         device=cfg.get("device", "cpu"),
     )

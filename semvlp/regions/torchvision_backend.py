@@ -14,6 +14,7 @@ exported feature is pooled from exactly the box that is exported with it.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -187,40 +188,53 @@ class RegionDetector(nn.Module):
                 losses["loss_attribute"] = representation.sum() * 0.0  # a zero that still has a graph
         return losses
 
-    @torch.inference_mode()
     def extract_regions(self, image: torch.Tensor, selection: SelectionConfig) -> DetectedRegions:
         """Regions of one image. image: (3, H, W) float in [0, 1] on the model's device."""
+        return self.extract_batch([image], selection)[0]
+
+    @torch.inference_mode()
+    def extract_batch(self, images: list[torch.Tensor], selection: SelectionConfig) -> list[DetectedRegions]:
+        """Regions of each image, in one forward pass. images: (3, H, W) floats in [0, 1] on the model's device.
+
+        The batch is padded (with zeros after normalisation, as a lone image is up to a multiple of 32) to
+        its largest image; proposals, selection and pooling are per image (DEVELOPERS.md, "Batched
+        extraction", for how far batched features differ from unbatched ones).
+        """
         if self.training:
             raise RuntimeError("call .eval() before extracting regions")
-        original_size = [int(image.shape[-2]), int(image.shape[-1])]
-        image_list, _ = self.detector.transform([image])
-        resized_size = image_list.image_sizes[0]  # (h, w) before padding
+        original_sizes = [[int(image.shape[-2]), int(image.shape[-1])] for image in images]
+        image_list, _ = self.detector.transform(images)
         features = self.feature_maps(image_list.tensors)
-        proposals, _ = self.detector.rpn(image_list, features)  # [(P, 4)]
+        proposals, _ = self.detector.rpn(image_list, features)  # [(P_i, 4)]
 
-        representation = self.box_features(features, proposals, image_list.image_sizes)  # (P, D)
-        class_logits, box_deltas = self.detector.roi_heads.box_predictor(representation)  # (P, K+1), (P, 4(K+1))
-        boxes = self.detector.roi_heads.box_coder.decode(box_deltas, proposals)  # (P, K+1, 4)
-        boxes = clip_boxes_to_image(boxes, resized_size)
-        probabilities = F.softmax(class_logits, dim=-1)
-        # Column 0 is torchvision's background class.
-        kept = select_regions(boxes[:, 1:], probabilities[:, 1:], selection)
+        representation = self.box_features(features, proposals, image_list.image_sizes)  # (sum P_i, D)
+        class_logits, box_deltas = self.detector.roi_heads.box_predictor(representation)  # (., K+1), (., 4(K+1))
+        all_boxes = self.detector.roi_heads.box_coder.decode(box_deltas, proposals)  # (sum P_i, K+1, 4)
+        all_probabilities = F.softmax(class_logits, dim=-1)
+        counts = [len(p) for p in proposals]
+        kept = []
+        for boxes, probabilities, size in zip(all_boxes.split(counts), all_probabilities.split(counts), image_list.image_sizes):
+            # column 0 is torchvision's background class
+            kept.append(select_regions(clip_boxes_to_image(boxes, size)[:, 1:], probabilities[:, 1:], selection))
 
-        pooled = self.box_features(features, [kept.boxes], image_list.image_sizes)  # (n, D)
-        if self.attribute_head is not None and len(kept.indices):
-            attribute_probs = F.softmax(self.attribute_head(pooled), dim=-1)[:, 1:]  # (n, A) without "none"
-            attr_confs, attr_ids = attribute_probs.max(dim=-1)
-        else:
-            attr_confs = torch.zeros(len(kept.indices), device=pooled.device)
-            attr_ids = torch.zeros(len(kept.indices), dtype=torch.int64, device=pooled.device)
-        return DetectedRegions(
-            boxes=resize_boxes(kept.boxes, list(resized_size), original_size),
-            features=pooled,
-            obj_ids=kept.obj_ids,
-            obj_confs=kept.obj_confs,
-            attr_ids=attr_ids,
-            attr_confs=attr_confs,
-        )
+        pooled_all = self.box_features(features, [k.boxes for k in kept], image_list.image_sizes)  # (sum n_i, D)
+        regions = []
+        for k, pooled, resized, original in zip(kept, pooled_all.split([len(k.indices) for k in kept]), image_list.image_sizes, original_sizes):
+            if self.attribute_head is not None and len(k.indices):
+                attribute_probs = F.softmax(self.attribute_head(pooled), dim=-1)[:, 1:]  # (n, A) without "none"
+                attr_confs, attr_ids = attribute_probs.max(dim=-1)
+            else:
+                attr_confs = torch.zeros(len(k.indices), device=pooled.device)
+                attr_ids = torch.zeros(len(k.indices), dtype=torch.int64, device=pooled.device)
+            regions.append(DetectedRegions(
+                boxes=resize_boxes(k.boxes, list(resized), original),
+                features=pooled,
+                obj_ids=k.obj_ids,
+                obj_confs=k.obj_confs,
+                attr_ids=attr_ids,
+                attr_confs=attr_confs,
+            ))
+        return regions
 
 
 def _build_faster_rcnn(spec: DetectorSpec) -> FasterRCNN:
@@ -363,8 +377,24 @@ class TorchvisionBackend:
             "selection": asdict(self.selection),
         }
 
-    def extract_regions(self, image: Image.Image) -> DetectedRegions:
-        return self.detector.extract_regions(image_to_tensor(image).to(self.device), self.selection)
+    def padded_size(self, width: int, height: int) -> tuple[int, int]:
+        """(h, w) of the network input of a width x height image: resized as the detector's transform
+        resizes (its own float32 arithmetic), then padded to its size divisor. Images of one padded
+        size batch exactly as they run alone (DEVELOPERS.md, "Batched extraction")."""
+        transform = self.detector.detector.transform
+        shape = torch.tensor([height, width], dtype=torch.float32)
+        scale = torch.min(float(transform.min_size[-1]) / shape.min(), float(transform.max_size) / shape.max()).item()
+        divisor = transform.size_divisible
+        return tuple(int(math.ceil(math.floor(side * scale) / divisor) * divisor) for side in (height, width))
+
+    def extract_batch(self, images: list[Image.Image]) -> list[DetectedRegions]:
+        return self.detector.extract_batch([image_to_tensor(image).to(self.device) for image in images], self.selection)
+
+
+# The extractor settings this backend reads (semvlp.regions.extract checks configs against them).
+SETTINGS = frozenset(
+    {"backend", "weights", "backbone", "categories", "min_size", "max_size", "rpn_post_nms_top_n_test", "selection", "device"}
+)
 
 
 def build_torchvision_backend(cfg: dict[str, Any]) -> TorchvisionBackend:
@@ -374,11 +404,7 @@ def build_torchvision_backend(cfg: dict[str, Any]) -> TorchvisionBackend:
     state dicts); ``min_size``, ``max_size``, ``rpn_post_nms_top_n_test`` (test-time overrides);
     ``selection`` (SelectionConfig fields); ``device`` (default "cpu").
     """
-    allowed = {
-        "backend", "weights", "backbone", "categories", "min_size", "max_size", "rpn_post_nms_top_n_test", "selection",
-        "device",
-    }
-    unknown = set(cfg) - allowed
+    unknown = set(cfg) - SETTINGS
     if unknown:
         raise ValueError(f"unknown torchvision extractor settings: {sorted(unknown)}")
     if "weights" not in cfg:

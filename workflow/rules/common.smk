@@ -2,7 +2,7 @@
 
 import os
 
-from semvlp.config import ablation_variants, variant_model_config
+from semvlp.config import ablation_variants, extraction_config, variant_model_config
 from semvlp.data import layout
 from semvlp.data.corpus import corpus_source_files
 from semvlp.fingerprint import rule_fingerprint

@@ -61,11 +61,10 @@ else:
         output:
             "results/features/{image_set}/shard{shard}.h5",
         params:
-            backend=BACKEND,
-            backend_config=REGIONS.get(BACKEND, {}),
-            selection=REGIONS["selection"],
+            regions=extraction_config(config),
             feature_dtype=REGIONS["feature_dtype"],
             skip_bad_images=REGIONS["skip_bad_images"],
+            batch_size=REGIONS["batch_size"],
             num_shards=REGIONS["shards"],
             code=code("extract_regions"),
         log:
@@ -74,7 +73,9 @@ else:
             "results/benchmarks/extract_regions/{image_set}/shard{shard}.tsv"
         priority: FEATURES_PRIORITY
         resources:
-            **rule_resources("extract_regions", mem_mb=4000, runtime=240, gpu=0),
+            # on the job's GPU when it has one; loader_workers decode images meanwhile (no rerun trigger:
+            # every count gives the same features)
+            **rule_resources("extract_regions", mem_mb=4000, runtime=240, gpu=0, loader_workers=0),
         conda:
             ENV
         script:
