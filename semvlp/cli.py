@@ -26,7 +26,7 @@ def _evaluate(args) -> dict:
     from semvlp import metrics
 
     if args.task == "vqa":
-        return metrics.evaluate_vqa(args.questions, args.annotations, args.predictions)
+        return metrics.evaluate_vqa(args.questions, args.annotations, args.predictions, legacy_normalization=args.legacy_normalization)
     if args.task == "gqa":
         return metrics.evaluate_gqa(args.questions, args.predictions)
     if args.task == "nlvr2":
@@ -76,10 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="official metrics on saved predictions; prints one JSON object")
     tasks = evaluate.add_subparsers(dest="task", required=True)
-    vqa = tasks.add_parser("vqa", help="VQA accuracy (official leave-one-annotator-out, answer normalisation)")
+    vqa = tasks.add_parser("vqa", help="VQA accuracy (official vqaEval.py: leave-one-annotator-out, answer normalisation)")
     vqa.add_argument("--questions", required=True, type=Path)
     vqa.add_argument("--annotations", required=True, type=Path)
     vqa.add_argument("--predictions", required=True, type=Path)
+    vqa.add_argument(
+        "--legacy-normalization", action="store_true",
+        help="normalise answers as the official vqaEval.py did before a013f00 (2021); the default follows it as it stands",
+    )
     gqa = tasks.add_parser("gqa", help="GQA exact-match accuracy")
     gqa.add_argument("--questions", required=True, type=Path)
     gqa.add_argument("--predictions", required=True, type=Path)

@@ -141,25 +141,40 @@ def normalize_vqa_answer(answer: str) -> str:
     are dropped and missing-apostrophe contractions are restored ("dont" -> "don't").
     Also used to normalise training answers, so that they are in the form the annotations use.
     """
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _vqa_digits_articles_contractions(_vqa_strip_punctuation(text))
+    return _vqa_digits_articles_contractions(_vqa_strip_punctuation(_vqa_whitespace(answer)))
 
 
-def vqa_question_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
+def _vqa_whitespace(text: str) -> str:
+    """Newlines and tabs to spaces, ends stripped: what every answer gets first."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_question_accuracy(prediction: str, gt_answers: Sequence[str], *, legacy_normalization: bool = False) -> float:
     """Official VQA accuracy of one raw (not yet normalised) prediction, in [0, 1].
 
-    The prediction is normalised with `normalize_vqa_answer`. The ground-truth answers get only the
-    punctuation step, and only when they are not all identical. For each annotator, leave that
-    annotator out and score min(1, matches among the others / 3); return the mean over annotators.
-    Example: 2 of 10 annotators agree with the prediction -> (8 * 2/3 + 2 * 1/3) / 10 = 0.6.
+    As the official vqaEval.py stands today (GT-Vision-Lab/VQA a013f00, "Fixed processing answers bug",
+    2021): every answer gets its whitespace cleaned; then, only when the ground-truth answers are not
+    all identical, both the prediction and the ground truth are fully normalised (`normalize_vqa_answer`).
+    When all ten agree, the prediction must equal them as it is ("Yes" does not match "yes" x 10).
+    With `legacy_normalization` (the file before a013f00, 2016-2021): the prediction is always fully
+    normalised, the ground truth only gets the punctuation step and only when not all identical.
+    For each annotator, leave that annotator out and score min(1, matches among the others / 3);
+    return the mean over annotators. Example: 2 of 10 agree -> (8 * 2/3 + 2 * 1/3) / 10 = 0.6.
     """
     if len(gt_answers) == 0:
         raise ValueError("a VQA question needs at least one ground-truth answer")
-    predicted = normalize_vqa_answer(prediction)
-    if len(set(gt_answers)) > 1:
-        references = [_vqa_strip_punctuation(answer) for answer in gt_answers]
+    if legacy_normalization:
+        predicted = normalize_vqa_answer(prediction)
+        if len(set(gt_answers)) > 1:
+            references = [_vqa_strip_punctuation(answer) for answer in gt_answers]
+        else:
+            references = list(gt_answers)
     else:
-        references = list(gt_answers)
+        predicted = _vqa_whitespace(prediction)
+        references = [_vqa_whitespace(answer) for answer in gt_answers]
+        if len(set(references)) > 1:
+            predicted = normalize_vqa_answer(predicted)
+            references = [normalize_vqa_answer(answer) for answer in references]
     total_matches = sum(reference == predicted for reference in references)
     # Leaving annotator j out removes j's own match (if any) from the count.
     leave_one_out = [
@@ -282,9 +297,10 @@ def _unique_ids(ids: list[int | str], path: Path, entry_name: str, id_name: str)
 
 
 def evaluate_vqa(
-    questions_path: str | Path, annotations_path: str | Path, predictions_path: str | Path
+    questions_path: str | Path, annotations_path: str | Path, predictions_path: str | Path, *, legacy_normalization: bool = False
 ) -> dict:
-    """Official VQA v2 accuracy of a predictions file.
+    """Official VQA v2 accuracy of a predictions file (`vqa_question_accuracy`: the official file as it
+    stands, or with `legacy_normalization` as it was before 2021).
 
     questions: `{"questions": [{"question_id", "image_id", "question"}, ...]}`; annotations:
     `{"annotations": [{"question_id", "answer_type", "question_type", "answers": [{"answer", ...}]}]}`;
@@ -343,7 +359,8 @@ def evaluate_vqa(
     accuracies_by_type: dict[str, list[float]] = {}
     for annotation in annotations:
         accuracy = vqa_question_accuracy(
-            answer_by_question[annotation["question_id"]], [a["answer"] for a in annotation["answers"]]
+            answer_by_question[annotation["question_id"]], [a["answer"] for a in annotation["answers"]],
+            legacy_normalization=legacy_normalization,
         )
         accuracies.append(accuracy)
         accuracies_by_type.setdefault(annotation["answer_type"], []).append(accuracy)

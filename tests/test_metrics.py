@@ -89,27 +89,52 @@ def test_vqa_leave_one_out_partial_agreement(matching: int, expected: float) -> 
     assert vqa_question_accuracy("cat", gt_answers) == pytest.approx(expected, abs=1e-12)
 
 
-def test_vqa_prediction_is_normalised() -> None:
-    assert vqa_question_accuracy("Two.", ["2"] * 10) == 1.0
-    assert vqa_question_accuracy("the dog", ["dog"] * 10) == 1.0
+# (prediction, ground truth, official vqaEval.py as it stands (a013f00, 2021), as it was before (a4f1afd)).
+# The expected values are what the two states of the official file give (run outside this repository).
+OFFICIAL_VQA_CASES = [
+    # all ten identical: today the prediction is compared as it is; before, it was normalised
+    ("Two.", ["2"] * 10, 0.0, 1.0),
+    ("the dog", ["dog"] * 10, 0.0, 1.0),
+    ("Yes", ["yes"] * 10, 0.0, 1.0),
+    ("1,000", ["1,000"] * 10, 1.0, 0.0),  # before: the prediction became "1000", the ground truth stayed
+    (" yes\n", ["yes"] * 10, 1.0, 1.0),  # whitespace is cleaned in both
+    # not all identical: today both sides are fully normalised; before, the ground truth got punctuation only
+    ("two", ["two"] * 8 + ["2"] * 2, 1.0, 0.6),
+    ("yes", ["yes!"] * 9 + ["no"], 1.0, 0.0),  # before: "yes!" -> "yes " (trailing space) matched nothing
+    ("dog", ["Dog"] * 3 + ["dog "] * 7, 1.0, 0.0),
+    ("1,000", ["1,000"] * 9 + ["1000"], 1.0, 1.0),
+    ("yes", ["yes"] * 9 + ["no!"], 1.0, 1.0),
+    ("a dog", ["dog"] * 5 + ["a dog"] * 5, 1.0, 1.0),
+    ("dont", ["don't"] * 6 + ["no"] * 4, 1.0, 1.0),
+    ("cat", ["cat"] * 2 + ["dog"] * 8, 0.6, 0.6),
+]
 
 
-@pytest.mark.parametrize(
-    ("prediction", "gt_answers", "expected"),
-    [
-        # all ten identical: the ground truth is taken as it is, so "1,000" never equals "1000"
-        ("1,000", ["1,000"] * 10, 0.0),
-        # not all identical: the ground truth gets the punctuation step, and all ten become "1000"
-        ("1,000", ["1,000"] * 9 + ["1000"], 1.0),
-        # ... but only that step: "two" stays "two" while the prediction becomes "2"
-        ("two", ["two"] * 8 + ["2"] * 2, 0.6),
-        # the punctuation step can leave a trailing space ("yes!" -> "yes "), as upstream
-        ("yes", ["yes!"] * 9 + ["no"], 0.0),
-        ("yes", ["yes"] * 9 + ["no!"], 1.0),
-    ],
-)
-def test_vqa_ground_truth_punctuation_rule(prediction: str, gt_answers: list[str], expected: float) -> None:
-    assert vqa_question_accuracy(prediction, gt_answers) == pytest.approx(expected, abs=1e-12)
+@pytest.mark.parametrize(("prediction", "gt_answers", "official", "legacy"), OFFICIAL_VQA_CASES)
+def test_vqa_accuracy_follows_the_official_evaluator_and_its_earlier_state(
+    prediction: str, gt_answers: list[str], official: float, legacy: float
+) -> None:
+    assert vqa_question_accuracy(prediction, gt_answers) == pytest.approx(official, abs=1e-12)
+    assert vqa_question_accuracy(prediction, gt_answers, legacy_normalization=True) == pytest.approx(legacy, abs=1e-12)
+
+
+def test_evaluate_vqa_command_has_the_legacy_switch(tmp_path: Path, capsys) -> None:
+    """`semvlp evaluate vqa` scores as the official file stands; --legacy-normalization as it was."""
+    from semvlp.cli import main
+
+    questions = {"data_subtype": "val2014", "questions": [
+        {"question_id": i, "image_id": 1, "question": "?"} for i in range(len(OFFICIAL_VQA_CASES))]}
+    annotations = {"annotations": [
+        _vqa_annotation(i, "other", gt) for i, (_, gt, _, _) in enumerate(OFFICIAL_VQA_CASES)]}
+    predictions = [{"question_id": i, "answer": p} for i, (p, _, _, _) in enumerate(OFFICIAL_VQA_CASES)]
+    paths = [_write_json(tmp_path / name, obj) for name, obj in
+             (("q.json", questions), ("a.json", annotations), ("p.json", predictions))]
+    args = ["evaluate", "vqa", "--questions", str(paths[0]), "--annotations", str(paths[1]), "--predictions", str(paths[2])]
+    for extra, column in (([], 2), (["--legacy-normalization"], 3)):
+        assert main(args + extra) == 0
+        expected = round(100 * sum(case[column] for case in OFFICIAL_VQA_CASES) / len(OFFICIAL_VQA_CASES), 2)
+        assert json.loads(capsys.readouterr().out)["accuracy"] == expected
+    assert evaluate_vqa(*paths)["accuracy"] != evaluate_vqa(*paths, legacy_normalization=True)["accuracy"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,10 +186,16 @@ VQA_PREDICTIONS = [
 
 def test_evaluate_vqa_overall_and_per_answer_type(vqa_files: tuple[Path, Path], tmp_path: Path) -> None:
     predictions = _write_json(tmp_path / "predictions.json", VQA_PREDICTIONS)
-    result = evaluate_vqa(*vqa_files, predictions)
-    assert result == {
+    # "four" against ten "4": the official file today compares it as it is when all ten agree (0.0)
+    assert evaluate_vqa(*vqa_files, predictions) == {
+        "accuracy": 30.0,  # 100 * (0.6 + 0.0 + 0.3) / 3
+        "per_answer_type": {"number": 30.0, "yes/no": 30.0},  # means of the per-question accuracies
+        "num_questions": 3,
+    }
+    # before 2021 it normalised every prediction ("four" -> "4": 1.0)
+    assert evaluate_vqa(*vqa_files, predictions, legacy_normalization=True) == {
         "accuracy": 63.33,  # 100 * (0.6 + 1.0 + 0.3) / 3
-        "per_answer_type": {"number": 80.0, "yes/no": 30.0},  # means of the per-question accuracies
+        "per_answer_type": {"number": 80.0, "yes/no": 30.0},
         "num_questions": 3,
     }
 

@@ -33,22 +33,27 @@ def test_missing_files_stop_the_run_with_the_list_and_where_to_get_them(tmp_path
     assert "Job stats" not in output and not (tmp_path / "results").exists()
 
 
-def test_paper_config_plans_the_full_dag_with_placeholder_files(tmp_path):
+def write_placeholder_files(workdir) -> None:
+    """Every file and folder the paper config reads, as placeholders under `workdir` (enough to plan)."""
     config = paper_config()
     for path, _ in required_files(config):
-        target = tmp_path / path
+        target = workdir / path
         if path.suffix:  # a file
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text("placeholder\n")
         else:  # an image folder
             target.mkdir(parents=True, exist_ok=True)
     # the BERT checkpoint and the detector files the config names (semvlp.config.path_problems)
-    bert = tmp_path / config["model"]["init"]
+    bert = workdir / config["model"]["init"]
     bert.mkdir(parents=True)
     for name in ("config.json", "vocab.txt", "model.safetensors"):
         (bert / name).write_text("placeholder\n")
     for key in ("config_file", "weights"):
-        (tmp_path / config["regions"]["detectron2"][key]).write_text("placeholder\n")
+        (workdir / config["regions"]["detectron2"][key]).write_text("placeholder\n")
+
+
+def test_paper_config_plans_the_full_dag_with_placeholder_files(tmp_path):
+    write_placeholder_files(tmp_path)
     result = run_snakemake(tmp_path, "results/all.tsv", "-n", "--configfile", PAPER, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counts = job_counts(result.stdout)

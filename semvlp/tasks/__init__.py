@@ -3,7 +3,7 @@
 `run_task` fine-tunes, evaluates and saves the model; `predict_task` predicts another split with a
 saved model, without training. Each task module has the same four functions: `build_model(encoder,
 info)`, `predict(model, info, files, split, bank, tokenizer, out_dir) -> path`, `evaluate(files,
-split, path) -> metrics` and `run(...)`. Task modules are imported when used, so a job's code (and
+split, path, info) -> metrics` and `run(...)`. Task modules are imported when used, so a job's code (and
 its rerun fingerprint, semvlp.fingerprint) holds its own task only.
 """
 
@@ -26,7 +26,7 @@ from semvlp.tokenization import load_tokenizer
 
 TASKS = ("vqa", "gqa", "nlvr2", "retrieval")
 # Task-specific config keys passed to the task's run() besides the common settings.
-EXTRA_KEYS = {"vqa": ("min_answer_count",), "retrieval": ("negatives", "caption_negatives", "hard_negatives", "candidate_pool", "hard_negatives_from_epoch")}
+EXTRA_KEYS = {"vqa": ("min_answer_count", "legacy_normalization"), "retrieval": ("negatives", "caption_negatives", "hard_negatives", "candidate_pool", "hard_negatives_from_epoch")}
 
 
 def task_module(task: str) -> ModuleType:
@@ -98,5 +98,5 @@ def predict_task(
     path = module.predict(model, info, files, split, bank, tokenizer, out_dir)
     result: dict[str, Any] = {"task": task, "split": split, "predictions": str(path)}
     if evaluate:
-        result["results"] = module.evaluate(files, split, path)
+        result["results"] = module.evaluate(files, split, path, info)
     return result

@@ -34,7 +34,7 @@ def predict(model: AnswerClassifier, info: dict, files, split: str, bank: Region
     return path
 
 
-def evaluate(files, split: str, predictions_path) -> dict[str, float]:
+def evaluate(files, split: str, predictions_path, info: dict) -> dict[str, float]:
     return evaluate_gqa(files[f"{split}_questions"], predictions_path)
 
 
@@ -55,5 +55,5 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
         return nn.functional.cross_entropy(logits, labels)
 
     losses = train(model, examples, loss_of_batch, settings, job, desc="gqa", **resume_point(out_dir, checkpoint, task="gqa"))
-    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir)) for split in settings.eval_splits}
+    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir), info) for split in settings.eval_splits}
     return {"train_loss_last": losses[-1], "num_answers": len(table), "num_train": len(examples)}, results, model, info

@@ -60,7 +60,7 @@ def predict(model: NLVR2Model, info: dict, files, split: str, bank: RegionBank, 
     return path
 
 
-def evaluate(files, split: str, predictions_path) -> dict[str, float]:
+def evaluate(files, split: str, predictions_path, info: dict) -> dict[str, float]:
     return evaluate_nlvr2(files[f"{split}_data"], predictions_path)
 
 
@@ -79,5 +79,5 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
         return nn.functional.cross_entropy(logits, labels)
 
     losses = train(model, examples, loss_of_batch, settings, job, desc="nlvr2", **resume_point(out_dir, checkpoint, task="nlvr2"))
-    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir)) for split in settings.eval_splits}
+    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir), info) for split in settings.eval_splits}
     return {"train_loss_last": losses[-1], "num_train": len(examples)}, results, model, info

@@ -72,7 +72,7 @@ def predict(model: RetrievalModel, info: dict, files, split: str, bank: RegionBa
     return path
 
 
-def evaluate(files, split: str, scores_path) -> dict[str, float]:
+def evaluate(files, split: str, scores_path, info: dict) -> dict[str, float]:
     return evaluate_retrieval(files["dataset"], split, scores_path)
 
 
@@ -163,7 +163,7 @@ def run(
 
     resume = resume_point(out_dir, checkpoint, task="retrieval", **mining)
     losses = train(model, captions, loss_of_batch, settings, job, desc="retrieval", generators={"negatives": generator}, **resume)
-    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir)) for split in settings.eval_splits}
+    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir), info) for split in settings.eval_splits}
     return {"train_loss_last": losses[-1], "num_train": len(captions)}, results, model, info
 
 

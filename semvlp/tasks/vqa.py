@@ -60,15 +60,24 @@ def predict(model: AnswerClassifier, info: dict, files, split: str, bank: Region
     return path
 
 
-def evaluate(files, split: str, predictions_path) -> dict[str, float]:
-    return evaluate_vqa(files[f"{split}_questions"], files[f"{split}_annotations"], predictions_path)
+def evaluate(files, split: str, predictions_path, info: dict) -> dict[str, float]:
+    return evaluate_vqa(
+        files[f"{split}_questions"], files[f"{split}_annotations"], predictions_path,
+        legacy_normalization=info["legacy_normalization"],
+    )
 
 
-def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None, *, min_answer_count: int):
+def run(
+    checkpoint, files, features_path, tokenizer, settings: TaskSettings, out_dir, job=None, *, min_answer_count: int,
+    legacy_normalization: bool,
+):
     split = settings.train_split
     table, examples = training_examples(files[f"{split}_questions"], files[f"{split}_annotations"], min_answer_count)
     examples = examples[: settings.max_train_examples]
-    info = task_info("vqa", settings, checkpoint, len(examples), answers=list(table.answers), min_answer_count=min_answer_count)
+    info = task_info(
+        "vqa", settings, checkpoint, len(examples), answers=list(table.answers), min_answer_count=min_answer_count,
+        legacy_normalization=legacy_normalization,
+    )
 
     encoder = Encoder.from_checkpoint(checkpoint, settings.mode)
     bank = RegionBank({IMAGE_SET: features_path}, box_dim=encoder.config.box_dim)
@@ -88,5 +97,5 @@ def run(checkpoint, files, features_path, tokenizer, settings: TaskSettings, out
         model, examples, loss_of_batch, settings, job, desc="vqa",
         **resume_point(out_dir, checkpoint, task="vqa", min_answer_count=min_answer_count),
     )
-    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir)) for split in settings.eval_splits}
+    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir), info) for split in settings.eval_splits}
     return {"train_loss_last": losses[-1], "num_answers": len(table), "num_train": len(examples)}, results, model, info
