@@ -8,23 +8,17 @@ It loads without the workflow: `SemVLPForPreTraining.from_pretrained(dir)` and `
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from semvlp.io import atomic_directory, write_text
+from semvlp.io import atomic_directory, config_digest, write_text
 from semvlp.model import SemVLPForPreTraining
 from semvlp.report import paper_table, tidy_rows
 from semvlp.tokenization import load_tokenizer, save_tokenizer
 
 CARD_NAME = "README.md"
-
-
-def recipe_digest(recipe: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def export_model(
@@ -45,29 +39,32 @@ def export_model(
     model, metadata = SemVLPForPreTraining.from_checkpoint(checkpoint)
     carried = {key: value for key, value in metadata.items() if key not in ("format", "config")}
     table = tidy_rows(finetune_metrics)
+    parameters = sum(p.numel() for p in model.parameters())
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, **carried)
         save_tokenizer(load_tokenizer(tokenizer_dir), tmp)
-        card = model_card(variant, model, metadata, paper_table(table, [variant]) if len(table) else None, recipe, provenance)
-        write_text(tmp / CARD_NAME, card)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "phases": len(metadata["history"]), "finetune_rows": len(table)}
+        results = paper_table(table, [variant]) if len(table) else None
+        write_text(tmp / CARD_NAME, model_card(variant, model, parameters, metadata, results, recipe, provenance))
+    return {"parameters": parameters, "phases": len(metadata["history"]), "finetune_rows": len(table)}
 
 
 def model_card(
     variant: str,
     model: SemVLPForPreTraining,
+    parameters: int,
     metadata: dict[str, Any],
     results: str | None,
     recipe: dict[str, Any],
     provenance: dict[str, str],
 ) -> str:
     config = model.config
+    loss_names = _loss_names(metadata) if metadata["history"] else []
     lines = [
         f"# SemVLP `{variant}`",
         "",
         f"A SemVLP model pre-trained by the SemVLP workflow: {config.num_layers} layers, hidden size "
         f"{config.hidden_size}, {config.cross_layers} cross-attention layers, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters, initialised from `{metadata['init']}`.",
+        f"{parameters:,} parameters, initialised from `{metadata['init']}`.",
         "",
         "```python",
         "from semvlp.model import SemVLPForPreTraining",
@@ -78,7 +75,7 @@ def model_card(
         "",
         "## Provenance",
         "",
-        f"* Recipe digest: `{recipe_digest(recipe)}` (the recipe is below)",
+        f"* Recipe digest: `{config_digest(recipe)}` (the recipe is below)",
         f"* Code commit: `{provenance['commit']}`" + (" (with uncommitted changes)" if provenance.get("dirty") == "true" else ""),
         f"* MLflow run of the last phase: `{provenance['run_id']}`",
         f"* Data: `{recipe['data']['root']}`, corpus sources {', '.join(recipe['data']['corpus']['sources'])}",
@@ -88,11 +85,11 @@ def model_card(
         "",
     ]
     if metadata["history"]:
-        lines += ["| phase | mode | steps | final total loss | " + " | ".join(_loss_names(metadata)) + " |"]
-        lines += ["|" + "---|" * (4 + len(_loss_names(metadata)))]
+        lines += ["| phase | mode | steps | final total loss | " + " | ".join(loss_names) + " |"]
+        lines += ["|" + "---|" * (4 + len(loss_names))]
         for entry in metadata["history"]:
             summary = entry["summary"]
-            losses = [f"{summary.get(f'mean_last10_loss_{name}', float('nan')):.3f}" for name in _loss_names(metadata)]
+            losses = [f"{summary.get(f'mean_last10_loss_{name}', float('nan')):.3f}" for name in loss_names]
             lines.append(f"| {entry['phase']} | {entry['mode']} | {summary['steps']} | {summary['final_loss_total']:.3f} | " + " | ".join(losses) + " |")
         lines += ["", "Loss terms: mean over the phase's last 10 steps."]
     else:

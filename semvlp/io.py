@@ -137,6 +137,11 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"not valid JSON ({err})", path) from None
 
 
+def config_digest(config: dict[str, Any]) -> str:
+    """Short digest of a JSON-like config (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes, read in blocks (weights files can be large)."""
     h = hashlib.new(algorithm)

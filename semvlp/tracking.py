@@ -23,7 +23,6 @@ their run-id files hold an empty line.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from semvlp.io import read_json, write_json
+from semvlp.io import config_digest, read_json, write_json
 
 PARENT_ENV = "SEMVLP_PARENT_RUN_ID"
 INVOCATION_FILE = Path("results/.tracking/invocation.json")
@@ -131,10 +130,6 @@ def _experiment_id(client, name: str, artifact_location: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------ invocation
-
-
-def config_digest(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def git_state() -> tuple[str, str]:

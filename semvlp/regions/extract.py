@@ -234,8 +234,9 @@ def extract_image_set(
                 bad.append((paths[index], problem))
             else:
                 sizes[index] = size
-    good = [paths[index] for index in sorted(sizes)]
-    batches = size_batches([sizes[index] for index in sorted(sizes)], extractor, batch_size)
+    decodable = sorted(sizes)
+    good = [paths[index] for index in decodable]
+    batches = size_batches([sizes[index] for index in decodable], extractor, batch_size)
     skipped_path = out_path.with_name(out_path.name + ".skipped.txt")
     if skip_bad_images:
         write_text(skipped_path, "".join(f"{path}\t{problem}\n" for path, problem in bad))

@@ -48,11 +48,8 @@ class TaskSettings:
     @classmethod
     def from_config(cls, task_config: dict[str, Any], *, seed: int, max_text_length: int) -> "TaskSettings":
         """From a task's section of the validated config (task-specific keys are left to the task)."""
-        return cls(seed=seed, max_text_length=max_text_length, **{k: task_config[k] for k in cls.config_keys()})
-
-    @classmethod
-    def config_keys(cls) -> list[str]:
-        return [name for name in cls.__dataclass_fields__ if name not in ("seed", "max_text_length")]
+        keys = [name for name in cls.__dataclass_fields__ if name not in ("seed", "max_text_length")]
+        return cls(seed=seed, max_text_length=max_text_length, **{key: task_config[key] for key in keys})
 
 
 def device_of(module: nn.Module) -> torch.device:
