@@ -1,12 +1,14 @@
 """The `semvlp` command: the workflow's stages and tools for use outside Snakemake.
 
     semvlp evaluate vqa --questions Q.json --annotations A.json --predictions P.json
+    semvlp evaluate vqa --questions test-dev2015_questions.json --predictions P.json --check-only
     semvlp evaluate gqa --questions Q.json --predictions P.json
     semvlp evaluate nlvr2 --data D.jsonl --predictions P.csv
     semvlp evaluate retrieval --dataset dataset_flickr30k.json --split test --scores S.npy
     semvlp features import-tsv IN.tsv OUT.h5      semvlp features export-tsv IN.h5 OUT.tsv
     semvlp features info FILE.h5
     semvlp data generate ROOT [--seed N]           semvlp config validate CONFIG.yaml
+    semvlp data corpus ROOT OUT.jsonl --sources coco_captions vg_captions cc [--held-out vqa:val2014 ...]
     semvlp predict vqa --model results/finetune/semvlp/vqa/seed0/model --data-root ROOT --split test2015
         --features results/features/coco.h5 --out DIR [--evaluate]
 """
@@ -18,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from semvlp.data.corpus import CORPUS_SOURCES
 from semvlp.data.layout import TASK_SOURCES
 from semvlp.errors import InputError
 
@@ -25,7 +28,17 @@ from semvlp.errors import InputError
 def _evaluate(args) -> dict:
     from semvlp import metrics
 
+    if getattr(args, "check_only", False):
+        if args.task == "vqa":
+            result = metrics.check_vqa_predictions(args.questions, args.predictions)
+        elif args.task == "gqa":
+            result = metrics.check_gqa_predictions(args.questions, args.predictions)
+        else:
+            result = metrics.check_nlvr2_predictions(args.data, args.predictions)
+        return {**result, "predictions": str(args.predictions), "valid": True}
     if args.task == "vqa":
+        if args.annotations is None:
+            raise InputError("needs --annotations to score (or --check-only for a test split)", args.questions)
         return metrics.evaluate_vqa(args.questions, args.annotations, args.predictions, legacy_normalization=args.legacy_normalization)
     if args.task == "gqa":
         return metrics.evaluate_gqa(args.questions, args.predictions)
@@ -47,9 +60,36 @@ def _features(args) -> dict:
 
 
 def _data(args) -> dict:
+    if args.action == "corpus":
+        return _corpus(args)
     from semvlp.data.world import WorldSpec, generate_world
 
     return generate_world(Path(args.root), WorldSpec(seed=args.seed))
+
+
+def _corpus(args) -> dict:
+    from semvlp.data.corpus import build_corpus, write_corpus
+
+    held_out: dict[str, list[str]] = {}
+    for item in args.held_out:
+        task, _, split = item.partition(":")
+        held_out.setdefault(task, []).append(split)
+    built = build_corpus(
+        args.root, args.sources, min_answer_count=args.min_answer_count, coco_splits=args.coco_splits,
+        gqa_splits=args.gqa_splits, held_out=held_out,
+    )
+    answers = args.answers or args.out.with_name("answers.json")
+    write_corpus(built.records, built.table, args.out, answers)
+    return {**built.summary(), "output": str(args.out), "answers_file": str(answers)}
+
+
+def _held_out_split(value: str) -> str:
+    from semvlp.data.corpus import HELD_OUT_TASKS
+
+    task, colon, split = value.partition(":")
+    if not colon or not split or task not in HELD_OUT_TASKS:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected TASK:SPLIT with TASK one of {', '.join(HELD_OUT_TASKS)}")
+    return value
 
 
 def _config(args) -> dict:
@@ -78,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = evaluate.add_subparsers(dest="task", required=True)
     vqa = tasks.add_parser("vqa", help="VQA accuracy (official vqaEval.py: leave-one-annotator-out, answer normalisation)")
     vqa.add_argument("--questions", required=True, type=Path)
-    vqa.add_argument("--annotations", required=True, type=Path)
+    vqa.add_argument("--annotations", type=Path, help="the split's annotations (not with --check-only)")
     vqa.add_argument("--predictions", required=True, type=Path)
+    vqa.add_argument("--check-only", action="store_true", help="check a test-server file without scoring it: every id of the split once, predictions as strings")
     vqa.add_argument(
         "--legacy-normalization", action="store_true",
         help="normalise answers as the official vqaEval.py did before a013f00 (2021); the default follows it as it stands",
@@ -87,9 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     gqa = tasks.add_parser("gqa", help="GQA exact-match accuracy")
     gqa.add_argument("--questions", required=True, type=Path)
     gqa.add_argument("--predictions", required=True, type=Path)
+    gqa.add_argument("--check-only", action="store_true", help="check a test-server file without scoring it: every id of the split once, predictions as strings")
     nlvr2 = tasks.add_parser("nlvr2", help="NLVR2 accuracy and consistency")
     nlvr2.add_argument("--data", required=True, type=Path)
     nlvr2.add_argument("--predictions", required=True, type=Path)
+    nlvr2.add_argument("--check-only", action="store_true", help="check a test-server file without scoring it: every id of the split once, predictions as strings")
     retrieval = tasks.add_parser("retrieval", help="Flickr30K retrieval recall (text->image, image->text)")
     retrieval.add_argument("--dataset", required=True, type=Path)
     retrieval.add_argument("--split", default="test")
@@ -109,11 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("src", type=Path)
     feats.set_defaults(func=_features)
 
-    data = commands.add_parser("data", help="the embedded image-text world")
+    data = commands.add_parser("data", help="the embedded image-text world; the pre-training corpus")
     data_actions = data.add_subparsers(dest="action", required=True)
     gen = data_actions.add_parser("generate", help="write the embedded world (default sizes) in the public formats")
     gen.add_argument("root", type=Path)
     gen.add_argument("--seed", type=int, default=0)
+    corpus = data_actions.add_parser(
+        "corpus", help="the pre-training corpus file the workflow's build_corpus writes; the last line counts records by source",
+    )
+    corpus.add_argument("root", type=Path, help="the official files, named as data.root has them")
+    corpus.add_argument("out", type=Path, help="the corpus (jsonl)")
+    corpus.add_argument("--sources", nargs="+", required=True, choices=CORPUS_SOURCES)
+    corpus.add_argument("--min-answer-count", type=int, default=1, help="QA answers seen less often leave the answer table")
+    corpus.add_argument("--coco-splits", nargs="+", default=["train2014"], help="COCO captions and VQA splits")
+    corpus.add_argument("--gqa-splits", nargs="+", default=["train"])
+    corpus.add_argument(
+        "--held-out", nargs="+", default=[], type=_held_out_split, metavar="TASK:SPLIT",
+        help="leave out the images of these evaluation splits (vqa:val2014 gqa:testdev retrieval:test)",
+    )
+    corpus.add_argument("--answers", type=Path, help="the QA answer table (default: answers.json beside OUT)")
     data.set_defaults(func=_data)
 
     predict = commands.add_parser(

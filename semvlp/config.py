@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jsonschema
 import yaml
@@ -90,6 +90,7 @@ def _check_relations(config: dict[str, Any]) -> None:
     if backend == "torchvision":
         if config["regions"]["torchvision"]["weights"] is None and "train_detector" not in config["regions"]:
             fail("regions.torchvision.weights", "null (train a detector) needs a regions.train_detector section")
+    _check_image_sets(config, fail)
     model = config["model"]
     if model["hidden_size"] % model["num_heads"]:
         fail("model.num_heads", f"{model['num_heads']} does not divide hidden_size {model['hidden_size']}")
@@ -116,6 +117,24 @@ def _check_relations(config: dict[str, Any]) -> None:
         if k > model["num_layers"]:
             fail(f"ablation.cross_layers.{i}", f"{k} cross-attention layers but the model has {model['num_layers']} layers")
     _add_sweep_variants(config)
+
+
+def _check_image_sets(config: dict[str, Any], fail: Callable[[str, str], None]) -> None:
+    """Every image set the corpus reads has a feature store: extracted, or read from another set's."""
+    from semvlp.data.corpus import SOURCE_IMAGE_SET
+
+    regions = config["regions"]
+    extracted = set(regions["image_sets"])
+    for image_set, store in regions["features_from"].items():
+        key = f"regions.features_from.{image_set}"
+        if image_set in extracted:
+            fail(key, f"'{image_set}' is also in regions.image_sets; its images would be extracted twice")
+        if store not in extracted:
+            fail(key, f"'{store}' is not in regions.image_sets, so it has no feature store to read '{image_set}' from")
+    for i, source in enumerate(config["data"]["corpus"]["sources"]):
+        image_set = SOURCE_IMAGE_SET[source]
+        if image_set not in extracted and image_set not in regions["features_from"]:
+            fail(f"data.corpus.sources.{i}", f"'{source}' needs image set '{image_set}', which regions.image_sets does not list")
 
 
 def _add_sweep_variants(config: dict[str, Any]) -> None:

@@ -113,12 +113,20 @@ def _generate_world(smk, job):
 
 @handler("build_corpus")
 def _build_corpus(smk, job):
-    from semvlp.data.corpus import merge_sources, write_corpus
+    from semvlp.data.corpus import held_out_images, merge_sources, write_corpus
 
-    files = {source: list(paths) for source, paths in smk.input.items()}
-    records, table = merge_sources(files, min_answer_count=smk.params.corpus["min_answer_count"])
-    write_corpus(records, table, smk.output.corpus, smk.output.answers)
-    job.log_metrics({"records": len(records), "qa_records": sum(r.answer is not None for r in records), "answers": len(table)})
+    files = {source: list(paths) for source, paths in smk.input.items() if source != "held_out"}
+    held_out = held_out_images(smk.params.held_out)  # the files are also the job's `held_out` inputs
+    built = merge_sources(files, min_answer_count=smk.params.corpus["min_answer_count"], held_out=held_out)
+    summary = built.summary()
+    print("corpus:", summary, flush=True)
+    write_corpus(built.records, built.table, smk.output.corpus, smk.output.answers)
+    write_json(smk.output.summary, summary, indent=1)
+    job.log_metrics(
+        {"records": summary["records"], "qa_records": summary["qa_records"], "answers": summary["answers"]}
+        | {f"records.{source}": n for source, n in summary["by_source"].items()}
+        | {f"dropped.{source}.{why}": n for source, lost in summary["dropped"].items() for why, n in lost.items()}
+    )
 
 
 @handler("train_tokenizer")
@@ -152,7 +160,8 @@ def _extract_regions(smk, job):
 
     detector = smk.input.weights[0] if smk.input.weights else None  # the detector trained here
     settings = extractor_settings(smk.params.regions, detector, device=str(default_device()))
-    images = list_images(smk.input.images)
+    folders = smk.input.images  # the set's folder, then those of the sets read from its store
+    images = list_images(*([folders] if isinstance(folders, str) else folders))
     stats = extract_image_set(
         images,
         smk.output[0],
@@ -188,8 +197,9 @@ def _import_tsv_features(smk, job):
 
 
 def _feature_inputs(smk) -> dict[str, str]:
-    sets = ("coco", "gqa", "nlvr2", "flickr30k")
-    return {name: path for name, path in smk.input.items() if name in sets}
+    from semvlp.data.layout import IMAGE_SETS
+
+    return {name: path for name, path in smk.input.items() if name in IMAGE_SETS}
 
 
 @handler("init_model")

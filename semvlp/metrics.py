@@ -296,6 +296,46 @@ def _unique_ids(ids: list[int | str], path: Path, entry_name: str, id_name: str)
 # ---------------------------------------------------------------------------------------------------
 
 
+def _vqa_question_ids(questions_path: Path) -> list[int]:
+    questions = _require_key_list(read_json(questions_path), "questions", questions_path)
+    question_ids = [
+        _require_fields(q, {"question_id": int}, questions_path, f"question entry {i}")["question_id"]
+        for i, q in enumerate(questions)
+    ]
+    if not question_ids:
+        raise InputError("holds no questions", questions_path)
+    _unique_ids(question_ids, questions_path, "question entry", "question_id")
+    return question_ids
+
+
+def _question_predictions(
+    predictions_path: Path, question_ids: list, questions_path: Path, id_field: tuple[str, type], answer_field: str
+) -> dict:
+    """A JSON list of `{id_field: id, answer_field: str}` entries, checked to answer every question once:
+    VQA's results file (`question_id`, `answer`: what EvalAI takes) or GQA's (`questionId`, `prediction`)."""
+    id_name, id_type = id_field
+    raw_predictions = _require_list(read_json(predictions_path), predictions_path, "predictions")
+    predicted = []
+    for i, entry in enumerate(raw_predictions):
+        _require_fields(entry, {id_name: id_type, answer_field: str}, predictions_path, f"entry {i}")
+        predicted.append((f"entry {i}", entry[id_name], entry[answer_field]))
+    return _match_predictions(predicted, question_ids, predictions_path, questions_path, id_name, "question")
+
+
+def _vqa_predictions(predictions_path: Path, question_ids: list[int], questions_path: Path) -> dict[int, str]:
+    return _question_predictions(predictions_path, question_ids, questions_path, ("question_id", int), "answer")
+
+
+def check_vqa_predictions(questions_path: str | Path, predictions_path: str | Path) -> dict:
+    """The local check of a VQA test-server file (test-dev2015, test2015), which has no answers to
+    score against: an entry per question of the split, each once, answers as strings.
+    Returns `{"num_questions"}`; InputError naming the first problem otherwise."""
+    questions_path, predictions_path = Path(questions_path), Path(predictions_path)
+    question_ids = _vqa_question_ids(questions_path)
+    _vqa_predictions(predictions_path, question_ids, questions_path)
+    return {"num_questions": len(question_ids)}
+
+
 def evaluate_vqa(
     questions_path: str | Path, annotations_path: str | Path, predictions_path: str | Path, *, legacy_normalization: bool = False
 ) -> dict:
@@ -313,15 +353,7 @@ def evaluate_vqa(
     """
     questions_path, annotations_path = Path(questions_path), Path(annotations_path)
     predictions_path = Path(predictions_path)
-
-    questions = _require_key_list(read_json(questions_path), "questions", questions_path)
-    question_ids = [
-        _require_fields(q, {"question_id": int}, questions_path, f"question entry {i}")["question_id"]
-        for i, q in enumerate(questions)
-    ]
-    if not question_ids:
-        raise InputError("holds no questions", questions_path)
-    _unique_ids(question_ids, questions_path, "question entry", "question_id")
+    question_ids = _vqa_question_ids(questions_path)
 
     annotations = _require_key_list(read_json(annotations_path), "annotations", annotations_path)
     gt_fields = {"question_id": int, "answer_type": str, "question_type": str, "answers": list}
@@ -346,14 +378,7 @@ def evaluate_vqa(
         if question_id not in annotated_set:
             raise InputError(f"question {question_id} has no annotation", annotations_path)
 
-    raw_predictions = _require_list(read_json(predictions_path), predictions_path, "predictions")
-    predicted = []
-    for i, entry in enumerate(raw_predictions):
-        _require_fields(entry, {"question_id": int, "answer": str}, predictions_path, f"entry {i}")
-        predicted.append((f"entry {i}", entry["question_id"], entry["answer"]))
-    answer_by_question = _match_predictions(
-        predicted, question_ids, predictions_path, questions_path, "question_id", "question"
-    )
+    answer_by_question = _vqa_predictions(predictions_path, question_ids, questions_path)
 
     accuracies: list[float] = []
     accuracies_by_type: dict[str, list[float]] = {}
@@ -379,14 +404,7 @@ def evaluate_vqa(
 # ---------------------------------------------------------------------------------------------------
 
 
-def evaluate_gqa(questions_path: str | Path, predictions_path: str | Path) -> dict:
-    """GQA accuracy: exact string match of the prediction with the question's answer.
-
-    questions: `{question_id: {"imageId", "question", "answer", ...}}` (e.g. the balanced split);
-    predictions: `[{"questionId": str, "prediction": str}, ...]`, exactly one per question.
-    Returns `{"accuracy", "num_questions"}`, accuracy in percent rounded to 2 decimals.
-    """
-    questions_path, predictions_path = Path(questions_path), Path(predictions_path)
+def _gqa_questions(questions_path: Path) -> dict:
     questions = read_json(questions_path)
     if not isinstance(questions, dict):
         raise InputError(
@@ -395,19 +413,35 @@ def evaluate_gqa(questions_path: str | Path, predictions_path: str | Path) -> di
         )
     if not questions:
         raise InputError("holds no questions", questions_path)
+    return questions
+
+
+def _gqa_predictions(predictions_path: Path, question_ids: list[str], questions_path: Path) -> dict[str, str]:
+    return _question_predictions(predictions_path, question_ids, questions_path, ("questionId", str), "prediction")
+
+
+def check_gqa_predictions(questions_path: str | Path, predictions_path: str | Path) -> dict:
+    """The local check of a GQA submission file (testdev, challenge, submission_all: the server takes
+    one file for all of them), as `check_vqa_predictions`."""
+    questions_path, predictions_path = Path(questions_path), Path(predictions_path)
+    question_ids = list(_gqa_questions(questions_path))
+    _gqa_predictions(predictions_path, question_ids, questions_path)
+    return {"num_questions": len(question_ids)}
+
+
+def evaluate_gqa(questions_path: str | Path, predictions_path: str | Path) -> dict:
+    """GQA accuracy: exact string match of the prediction with the question's answer.
+
+    questions: `{question_id: {"imageId", "question", "answer", ...}}` (e.g. the balanced split);
+    predictions: `[{"questionId": str, "prediction": str}, ...]`, exactly one per question.
+    Returns `{"accuracy", "num_questions"}`, accuracy in percent rounded to 2 decimals.
+    """
+    questions_path, predictions_path = Path(questions_path), Path(predictions_path)
     gold_by_question = {}
-    for question_id, question in questions.items():
+    for question_id, question in _gqa_questions(questions_path).items():
         _require_fields(question, {"answer": str}, questions_path, f"question {question_id}")
         gold_by_question[question_id] = question["answer"]
-
-    raw_predictions = _require_list(read_json(predictions_path), predictions_path, "predictions")
-    predicted = []
-    for i, entry in enumerate(raw_predictions):
-        _require_fields(entry, {"questionId": str, "prediction": str}, predictions_path, f"entry {i}")
-        predicted.append((f"entry {i}", entry["questionId"], entry["prediction"]))
-    prediction_by_question = _match_predictions(
-        predicted, list(gold_by_question), predictions_path, questions_path, "questionId", "question"
-    )
+    prediction_by_question = _gqa_predictions(predictions_path, list(gold_by_question), questions_path)
     correct = sum(prediction_by_question[qid] == gold for qid, gold in gold_by_question.items())
     return {"accuracy": _percent(correct, len(gold_by_question)), "num_questions": len(gold_by_question)}
 
@@ -427,18 +461,9 @@ def _nlvr2_sentence_key(identifier: str) -> str:
     return "-".join(fields)
 
 
-def evaluate_nlvr2(data_path: str | Path, predictions_path: str | Path) -> dict:
-    """NLVR2 accuracy and consistency, as the official `nlvr2/eval/metrics.py` computes them.
-
-    data: jsonl, one example per line with `identifier` (`split-set-pair-sentence`, e.g. `dev-850-0-0`)
-    and `label` ("True"/"False"). predictions: CSV lines `identifier,True|False`, no header (an optional
-    first line `identifier,prediction` is accepted); labels compare case-insensitively, as upstream.
-    Consistency is the share of sentences (identifier with the pair field blanked) whose examples are
-    all predicted correctly. Returns `{"accuracy", "consistency", "num_examples"}`, percent, 2 decimals.
-    """
-    data_path, predictions_path = Path(data_path), Path(predictions_path)
-
-    label_by_example: dict[str, str] = {}
+def _nlvr2_examples(data_path: Path, *, labelled: bool) -> dict[str, str | None]:
+    """identifier -> lowercased label ("true"/"false"; None when not `labelled`: NLVR2's hidden test)."""
+    label_by_example: dict[str, str | None] = {}
     for line_number, line in enumerate(_read_text_lines(data_path), start=1):
         if not line.strip():
             continue
@@ -447,20 +472,25 @@ def evaluate_nlvr2(data_path: str | Path, predictions_path: str | Path) -> dict:
             example = json.loads(line)
         except json.JSONDecodeError as err:
             raise InputError(f"{where} is not valid JSON ({err})", data_path) from None
-        _require_fields(example, {"identifier": str, "label": str}, data_path, where)
-        identifier, label = example["identifier"], example["label"]
+        _require_fields(example, {"identifier": str, **({"label": str} if labelled else {})}, data_path, where)
+        identifier, label = example["identifier"], example.get("label") if labelled else None
         if len(identifier.split("-")) != 4:
             raise InputError(
                 f"{where} has identifier {identifier!r}, expected split-set-pair-sentence", data_path
             )
-        if label.lower() not in _NLVR2_LABELS:
+        if labelled and label.lower() not in _NLVR2_LABELS:
             raise InputError(f'{where} has label {label!r}, expected "True" or "False"', data_path)
         if identifier in label_by_example:
             raise InputError(f"{where} repeats identifier {identifier!r}", data_path)
-        label_by_example[identifier] = label.lower()
+        label_by_example[identifier] = label.lower() if labelled else None
     if not label_by_example:
         raise InputError("holds no examples", data_path)
+    return label_by_example
 
+
+def _nlvr2_predictions(predictions_path: Path, identifiers: list[str], data_path: Path) -> dict[str, str]:
+    """The predictions CSV (`identifier,True|False` lines, optional header), checked to predict every
+    example once."""
     lines = _read_text_lines(predictions_path)
     first_line = 1
     if lines and lines[0].strip().lower() == _NLVR2_HEADER:
@@ -476,9 +506,30 @@ def evaluate_nlvr2(data_path: str | Path, predictions_path: str | Path) -> dict:
                 predictions_path,
             )
         predicted.append((f"line {line_number}", fields[0], fields[1].lower()))
-    prediction_by_example = _match_predictions(
-        predicted, list(label_by_example), predictions_path, data_path, "identifier", "example"
-    )
+    return _match_predictions(predicted, identifiers, predictions_path, data_path, "identifier", "example")
+
+
+def check_nlvr2_predictions(data_path: str | Path, predictions_path: str | Path) -> dict:
+    """The local check of an NLVR2 predictions file for a split without labels, as
+    `check_vqa_predictions`. Returns `{"num_examples"}`."""
+    data_path, predictions_path = Path(data_path), Path(predictions_path)
+    identifiers = list(_nlvr2_examples(data_path, labelled=False))
+    _nlvr2_predictions(predictions_path, identifiers, data_path)
+    return {"num_examples": len(identifiers)}
+
+
+def evaluate_nlvr2(data_path: str | Path, predictions_path: str | Path) -> dict:
+    """NLVR2 accuracy and consistency, as the official `nlvr2/eval/metrics.py` computes them.
+
+    data: jsonl, one example per line with `identifier` (`split-set-pair-sentence`, e.g. `dev-850-0-0`)
+    and `label` ("True"/"False"). predictions: CSV lines `identifier,True|False`, no header (an optional
+    first line `identifier,prediction` is accepted); labels compare case-insensitively, as upstream.
+    Consistency is the share of sentences (identifier with the pair field blanked) whose examples are
+    all predicted correctly. Returns `{"accuracy", "consistency", "num_examples"}`, percent, 2 decimals.
+    """
+    data_path, predictions_path = Path(data_path), Path(predictions_path)
+    label_by_example = _nlvr2_examples(data_path, labelled=True)
+    prediction_by_example = _nlvr2_predictions(predictions_path, list(label_by_example), data_path)
 
     correct = 0
     sentence_consistent: dict[str, bool] = {}

@@ -85,6 +85,12 @@ def test_settings_take_every_schema_default_from_the_config():
         (lambda c: c.update(resources={"pretrain_phase": {"gpu": 8}}) or c["pretrain"]["phase"].update(batch_size=12),
          "pretrain.phase.batch_size", "does not split over 8 GPU processes"),
         (lambda c: c["finetune"]["tasks"]["nlvr2"].update(checkpoint_every=0), "finetune.tasks.nlvr2.checkpoint_every", "minimum"),
+        (lambda c: c["data"]["corpus"].update(sources=["coco_captions", "vg"]), "data.corpus.sources.1", "'vg' is not one of"),
+        (lambda c: c["data"]["corpus"]["sources"].append("cc"), "data.corpus.sources.3", "'cc' needs image set 'cc', which regions.image_sets does not list"),
+        (lambda c: c["regions"].update(features_from={"gqa": "vg"}), "regions.features_from.gqa", "also in regions.image_sets"),
+        (lambda c: c["regions"].update(image_sets=["coco", "nlvr2", "flickr30k"], features_from={"gqa": "vg"}),
+         "regions.features_from.gqa", "'vg' is not in regions.image_sets"),
+        (lambda c: c["regions"].update(features_from={"gqa": "vgg"}), "regions.features_from.gqa", "'vgg' is not one of"),
     ],
 )
 def test_bad_values_name_the_key(default_config, mutate, key, words):
@@ -128,7 +134,8 @@ def test_snakemake_stops_before_any_job_naming_the_key(tmp_path):
              "config key 'regions.detectron2.weights': d2/model.pkl: no such file"],
         ),
         (
-            {"regions": {"backend": "tsv", "image_sets": ["coco"], "tsv": {"coco": "tsv/coco_obj36.tsv"}}},
+            {"regions": {"backend": "tsv", "image_sets": ["coco"], "tsv": {"coco": "tsv/coco_obj36.tsv"}},
+             "data": {"corpus": {"sources": ["coco_captions", "vqa"]}}},
             ["config key 'regions.tsv.coco': tsv/coco_obj36.tsv: no such file"],
         ),
     ],

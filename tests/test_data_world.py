@@ -31,7 +31,7 @@ from semvlp.metrics import normalize_vqa_answer
 
 SMALL = WorldSpec(
     seed=3, coco_train=30, coco_val=8, gqa_train=30, gqa_val=8, nlvr2_train=48, nlvr2_dev=16,
-    flickr_train=10, flickr_val=3, flickr_test=4, vqa_questions_per_image=5, gqa_questions_per_image=6,
+    flickr_train=10, flickr_val=3, flickr_test=4, cc_rows=20, vqa_questions_per_image=5, gqa_questions_per_image=6,
     nlvr2_sentences_per_set=2, nlvr2_templates=NLVR2_TEMPLATES,  # every template, so every truth rule is checked
 )
 OFFICIAL_FILES = [
@@ -41,6 +41,7 @@ OFFICIAL_FILES = [
     "vqa/v2_mscoco_train2014_annotations.json", "vqa/v2_mscoco_val2014_annotations.json",
     "gqa/train_balanced_questions.json", "gqa/val_balanced_questions.json",
     "nlvr2/train.json", "nlvr2/dev.json", "flickr30k/dataset_flickr30k.json",
+    "vg/region_descriptions.json", "vg/question_answers.json", "vg/image_data.json", "cc/Train_GCC-training.tsv",
 ]
 
 
@@ -409,7 +410,7 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 TINY = WorldSpec(seed=11, coco_train=4, coco_val=2, gqa_train=3, gqa_val=2, nlvr2_train=8, nlvr2_dev=8,
-                 flickr_train=2, flickr_val=1, flickr_test=1)
+                 flickr_train=2, flickr_val=1, flickr_test=1, cc_rows=4)
 
 
 def test_same_seed_same_bytes_other_seed_other_world(tmp_path):
@@ -480,9 +481,10 @@ def test_nlvr2_templates_choose_the_statements(tmp_path):
 
 
 def test_corpus_merges_captions_vqa_and_gqa(world, tmp_path):
-    records, table = build_corpus(world, min_answer_count=3)
+    built = build_corpus(world, ["coco_captions", "vqa", "gqa"], min_answer_count=3)
+    records, table = built.records, built.table
     by_source = Counter(r.source for r in records)
-    assert by_source == {
+    assert by_source == built.by_source() == {
         "coco_captions": 5 * SMALL.coco_train,
         "vqa": SMALL.vqa_questions_per_image * SMALL.coco_train,
         "gqa": len(load_gqa(world / "gqa/train_balanced_questions.json")),
@@ -503,8 +505,8 @@ def test_corpus_merges_captions_vqa_and_gqa(world, tmp_path):
     assert corpus.images() == list(dict.fromkeys((r.img_set, r.img_id) for r in records))
     assert list(corpus.of_sources(["vqa"])) == vqa_records
     assert list(corpus.sentences()) == [r.sentence for r in records]
-    only_gqa, gqa_table = build_corpus(world, ["gqa"], min_answer_count=1, gqa_splits=["val"])
-    assert {r.source for r in only_gqa} == {"gqa"} and "yes" in gqa_table
+    only_gqa = build_corpus(world, ["gqa"], min_answer_count=1, gqa_splits=["val"])
+    assert {r.source for r in only_gqa.records} == {"gqa"} and "yes" in only_gqa.table
 
 
 def test_corpus_errors(world, tmp_path):
@@ -515,8 +517,8 @@ def test_corpus_errors(world, tmp_path):
         build_corpus(world, ["vg"], min_answer_count=1)
     path = tmp_path / "corpus.jsonl"
     good = json.dumps(asdict(CorpusRecord("coco", "COCO_train2014_000000000001", "A red circle.", None, "coco_captions")))
-    path.write_text(good + "\n" + good.replace('"coco"', '"vg"', 1) + "\n")
-    with pytest.raises(InputError, match="line 2 has img_set 'vg'") as err:
+    path.write_text(good + "\n" + good.replace('"coco"', '"flickr30k"', 1) + "\n")
+    with pytest.raises(InputError, match="line 2 has img_set 'flickr30k'") as err:
         read_corpus(path)
     assert str(path) in str(err.value)
     path.write_text(good + "\n{not json\n")

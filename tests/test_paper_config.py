@@ -27,6 +27,11 @@ def test_missing_files_stop_the_run_with_the_list_and_where_to_get_them(tmp_path
     assert result.returncode != 0
     assert "input file(s) missing" in output
     assert "resources/vqa/v2_mscoco_train2014_annotations.json" in output and "visualqa.org" in output
+    # the paper's further corpora, each file once, and the image folders the web captions need
+    for path in ("vg/region_descriptions.json", "vg/question_answers.json", "vg/image_data.json", "vg/images",
+                 "gqa/images", "cc/Train_GCC-training.tsv", "cc/images", "sbu/SBU_captioned_photo_dataset_urls.txt"):
+        assert output.count(f"resources/{path} ") == 1, path
+    assert "img2dataset's default keys" in output
     # the files the config names itself: one line each, naming the key
     assert "config key 'model.init': resources/models/bert-base-uncased: no such directory" in output
     assert "config key 'regions.detectron2.weights': resources/models/faster_rcnn_from_caffe_attr.pkl: no such file" in output
@@ -57,8 +62,8 @@ def test_paper_config_plans_the_full_dag_with_placeholder_files(tmp_path):
     result = run_snakemake(tmp_path, "results/all.tsv", "-n", "--configfile", PAPER, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counts = job_counts(result.stdout)
-    assert counts["extract_regions"] == 4 * 32
-    assert counts["index_regions"] == 4
+    assert counts["extract_regions"] == 6 * 32  # coco, vg (with GQA's images), nlvr2, flickr30k, cc, sbu
+    assert counts["index_regions"] == 6
     assert counts["pretrain_phase"] == 3 * 4  # semvlp, single_only, two_only: 4 phases each; none: 0
     assert counts["init_model"] == 4
     assert counts["finetune"] == 4 * 4 * 3  # variants x tasks x seeds

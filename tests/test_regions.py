@@ -526,6 +526,16 @@ def test_list_images_is_recursive_sorted_and_case_insensitive(tmp_path):
     assert found == ["a/1.jpg", "a/deeper/0.png", "b/2.PNG", "c.jpeg"]
 
 
+def test_one_store_over_two_folders_takes_a_shared_picture_once(tmp_path):
+    """GQA's images are Visual Genome's (same ids): a vg store that also serves gqa lists both
+    folders, each picture once (the first folder's file), and the images only GQA has."""
+    for name in ("vg/10.jpg", "vg/11.jpg", "gqa/11.jpg", "gqa/n161313.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path / "vg", tmp_path / "gqa")]
+    assert found == ["vg/10.jpg", "vg/11.jpg", "gqa/n161313.jpg"]
+
+
 def test_duplicate_image_ids_fail(trained, scenes, tmp_path):
     checkpoint, _ = trained
     first = _image_folder(scenes, tmp_path / "x", 1)[0]

@@ -23,7 +23,7 @@ PHASES = {"semvlp": 2, "none": 0}
 VARIANTS = ("semvlp", "none")
 TASKS = ("vqa", "gqa", "nlvr2", "retrieval")
 SEEDS = (0,)
-IMAGE_SETS = ("coco", "gqa", "nlvr2", "flickr30k")
+IMAGE_SETS = ("coco", "vg", "nlvr2", "flickr30k", "cc")  # config/tiny.yaml's (vg's store serves gqa)
 SHARDS = 2
 
 Job = tuple[str, tuple[tuple[str, str], ...]]  # (rule, sorted wildcard items)

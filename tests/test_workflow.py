@@ -24,7 +24,10 @@ def test_dry_run_lists_alternating_phases_and_one_finetune_per_task(tmp_path):
     assert counts["pretrain_phase"] == 2
     assert counts["init_model"] == 2
     assert counts["finetune"] == 2 * 4  # variants x tasks x 1 seed
-    assert counts["extract_regions"] == 4 * 2  # image sets x shards
+    # image sets x shards: coco, vg (GQA's store too), nlvr2, flickr30k, cc
+    assert counts["extract_regions"] == 5 * 2 and "results/features/gqa" not in result.stdout
+    gqa_finetune = next(job for job in result.stdout.split("rule finetune:")[1:] if "task=gqa" in job)
+    assert "results/features/vg.h5" in gqa_finetune.split("output:")[0]
     assert "results/pretrain/semvlp/phase2.safetensors" in result.stdout
     assert "results/finetune/none/retrieval/seed0/metrics.json" in result.stdout
 
@@ -49,6 +52,25 @@ def test_tiny_run_writes_a_tidy_table_with_all_tasks(tiny_run):
     assert table.value.between(0, 100).all() or (table.metric == "rsum").any()
     markdown = (workdir / "results" / "all.md").read_text()
     assert "| semvlp |" in markdown and "| none |" in markdown and "VQA acc" in markdown
+
+
+@pytest.mark.slow
+def test_tiny_run_pretrains_on_visual_genome_and_conceptual_captions(tiny_run):
+    import json
+
+    from semvlp.data.corpus import read_corpus
+
+    results = tiny_run.workdir / "results"
+    summary = json.loads((results / "corpus" / "summary.json").read_text())
+    assert set(summary["by_source"]) == {"coco_captions", "vqa", "gqa", "vg_captions", "vg_qa", "cc"}
+    assert all(n > 0 for n in summary["by_source"].values())
+    # the GQA val images are VG images: their phrases and QAs are held out; CC's dead URLs are dropped
+    assert summary["dropped"]["vg_captions"]["held_out"] > 0 and summary["dropped"]["vg_qa"]["held_out"] > 0
+    assert summary["dropped"]["cc"]["no_image"] > 0
+    corpus = read_corpus(results / "corpus" / "pretrain.jsonl")
+    assert {"vg", "cc"} <= {img_set for img_set, _ in corpus.images()}
+    # one store serves GQA and VG (the dry-run test checks the GQA fine-tuning reads it)
+    assert (results / "features" / "vg.h5").is_file() and not (results / "features" / "gqa.h5").exists()
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Loaders of the public data formats: COCO, VQA v2, GQA, NLVR2 and Flickr30K (Karpathy split).
+"""Loaders of the public data formats: COCO, VQA v2, GQA, NLVR2, Flickr30K (Karpathy split), Visual
+Genome, Conceptual Captions and SBU Captions.
 
 Every loader returns records whose `img_id` is the image file's stem (DEVELOPERS.md, "Image ids"), so
 a record can be looked up in the region-feature store directly. Malformed input raises `InputError`
@@ -262,7 +263,8 @@ def load_coco_captions(path: str | Path) -> list[Caption]:
 def load_vqa(questions_path: str | Path, annotations_path: str | Path | None = None) -> list[VQAQuestion]:
     """Official VQA v2 questions (+ annotations, when given), in question-file order.
 
-    The image id comes from the questions' `data_subtype`: `COCO_{data_subtype}_{image_id:012d}`.
+    The image id comes from the questions' `data_subtype`: `COCO_{data_subtype}_{image_id:012d}`
+    (test-dev2015's images are test2015's).
     With annotations, every question must have exactly one annotation and vice versa.
     """
     questions_path = Path(questions_path)
@@ -282,6 +284,7 @@ def load_vqa(questions_path: str | Path, annotations_path: str | Path | None = N
         )
     _no_duplicates([question_id for question_id, _, _ in parsed], questions_path, "question entry")
 
+    image_split = "test2015" if data_subtype == "test-dev2015" else data_subtype  # test-dev is part of test
     annotation_by_question: dict[int, dict] = {}
     if annotations_path is not None:
         annotation_by_question = _load_vqa_annotations(Path(annotations_path), data_subtype, questions_path, parsed)
@@ -292,7 +295,7 @@ def load_vqa(questions_path: str | Path, annotations_path: str | Path | None = N
         records.append(
             VQAQuestion(
                 question_id=question_id,
-                img_id=f"COCO_{data_subtype}_{image_id:012d}",
+                img_id=f"COCO_{image_split}_{image_id:012d}",
                 question=question,
                 answers=[a["answer"] for a in annotation["answers"]] if annotation else [],
                 answer_type=annotation["answer_type"] if annotation else None,
@@ -451,3 +454,148 @@ def load_flickr30k(path: str | Path, split: str) -> list[FlickrImage]:
     if not selected:
         raise InputError(f"has no images in split {split!r}", path)
     return selected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Visual Genome
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VGImage:
+    image_id: int
+    coco_id: int | None  # the same picture's COCO id (about 51K of VG's 108K images)
+    flickr_id: int | None  # the Flickr photo id, which Flickr30K file names carry
+
+
+@dataclass(frozen=True)
+class VGRegion:
+    img_id: str  # str(image_id): VG's image files are <image_id>.jpg
+    region_id: int
+    phrase: str
+    box: tuple[float, float, float, float]  # (x1, y1, x2, y2) in pixels
+
+
+@dataclass(frozen=True)
+class VGQuestion:
+    img_id: str
+    qa_id: int
+    question: str
+    answer: str  # as written, e.g. "Green." (callers normalise it)
+
+
+def load_vg_images(path: str | Path) -> dict[int, VGImage]:
+    """`image_data.json`: image id -> its COCO and Flickr ids."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise InputError(f"expected a JSON list of images, got {type(data).__name__}", path)
+    images: dict[int, VGImage] = {}
+    for position, entry in enumerate(data):
+        where = f"image entry {position}"
+        # v1.2 names the field "id", v1.4 "image_id"
+        key = "image_id" if isinstance(entry, dict) and "image_id" in entry else "id"
+        image_id = _field(entry, key, int, path, where)
+        if image_id in images:
+            raise InputError(f"{where} repeats image id {image_id}", path)
+        coco_id, flickr_id = (entry.get(name) for name in ("coco_id", "flickr_id"))
+        for name, value in (("coco_id", coco_id), ("flickr_id", flickr_id)):
+            if value is not None and not _is_instance(value, int):
+                raise InputError(f"{where} field {name!r} is {value!r}, expected an integer or null", path)
+        images[image_id] = VGImage(image_id, coco_id, flickr_id)
+    return images
+
+
+def _vg_entries(path: Path, items_key: str, images: dict[int, VGImage], images_path: Path):
+    """(where, image id, item) for every item of every image entry of a VG per-image file, each
+    image checked to be in image_data.json."""
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise InputError(f"expected a JSON list with one entry per image, got {type(data).__name__}", path)
+    for position, entry in enumerate(data):
+        where = f"image entry {position}"
+        image_id = _field(entry, "id", int, path, where)
+        if image_id not in images:
+            raise InputError(f"{where} names image id {image_id}, which is not in {images_path}", path)
+        for number, item in enumerate(_field(entry, items_key, list, path, where)):
+            yield f"{where} {items_key[:-1]} {number}", image_id, item
+
+
+def load_vg_regions(path: str | Path, images: dict[int, VGImage], images_path: str | Path) -> list[VGRegion]:
+    """`region_descriptions.json`: every region's phrase and box, in file order. `images` is
+    `load_vg_images(images_path)`; every image must be in it."""
+    path = Path(path)
+    regions = []
+    for where, image_id, region in _vg_entries(path, "regions", images, Path(images_path)):
+        phrase = _field(region, "phrase", str, path, where).strip()
+        if not phrase:
+            raise InputError(f"{where} has an empty phrase", path)
+        x, y, w, h = (_field(region, key, (int, float), path, where) for key in ("x", "y", "width", "height"))
+        regions.append(VGRegion(str(image_id), _field(region, "region_id", int, path, where), phrase, (x, y, x + w, y + h)))
+    return regions
+
+
+def load_vg_qa(path: str | Path, images: dict[int, VGImage], images_path: str | Path) -> list[VGQuestion]:
+    """`question_answers.json`: every QA, in file order (`images` as for `load_vg_regions`)."""
+    path = Path(path)
+    questions = []
+    for where, image_id, qa in _vg_entries(path, "qas", images, Path(images_path)):
+        question, answer = (_field(qa, key, str, path, where).strip() for key in ("question", "answer"))
+        if not question or not answer:
+            raise InputError(f"{where} has an empty {'question' if not question else 'answer'}", path)
+        questions.append(VGQuestion(str(image_id), _field(qa, "qa_id", int, path, where), question, answer))
+    return questions
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conceptual Captions and SBU Captions
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebCaption:
+    row: int  # 0-based line number: img2dataset's key for the image fetched from `url`
+    caption: str
+    url: str
+
+
+def load_cc_captions(path: str | Path) -> list[WebCaption]:
+    """Conceptual Captions `caption<TAB>url` lines (no header), in file order."""
+    path = Path(path)
+    captions = []
+    for row, line in enumerate(_text_lines(path)):
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise InputError(f"line {row + 1} has {len(fields) - 1} tabs, expected caption<TAB>url", path)
+        caption, url = (field.strip() for field in fields)
+        if not caption or not url:
+            raise InputError(f"line {row + 1} has an empty {'caption' if not caption else 'url'}", path)
+        captions.append(WebCaption(row, caption, url))
+    return captions
+
+
+def load_sbu_captions(captions_path: str | Path, urls_path: str | Path) -> list[WebCaption]:
+    """SBU's two line-aligned files (`SBU_captioned_photo_dataset_captions.txt` and `..._urls.txt`)."""
+    captions_path, urls_path = Path(captions_path), Path(urls_path)
+    captions, urls = _text_lines(captions_path), _text_lines(urls_path)
+    if len(captions) != len(urls):
+        raise InputError(f"has {len(captions)} lines but {urls_path} has {len(urls)}; they must align", captions_path)
+    records = []
+    for row, (caption, url) in enumerate(zip(captions, urls)):
+        caption, url = caption.strip(), url.strip()
+        if not caption:
+            raise InputError(f"line {row + 1} is empty", captions_path)
+        if not url:
+            raise InputError(f"line {row + 1} is empty", urls_path)
+        records.append(WebCaption(row, caption, url))
+    return records
+
+
+def _text_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise InputError("file not found", path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"is not UTF-8 text ({err})", path) from None
+    return text.splitlines()

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-IMAGE_SETS = ("coco", "gqa", "nlvr2", "flickr30k")
+IMAGE_SETS = ("coco", "gqa", "nlvr2", "flickr30k", "vg", "cc", "sbu")
+# The image sets the embedded generator writes (no SBU stand-in).
+EMBEDDED_IMAGE_SETS = ("coco", "gqa", "nlvr2", "flickr30k", "vg", "cc")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # the files of an image folder (any case)
 # Splits the embedded world writes (the names the real data sets use).
 EMBEDDED_SPLITS = {
     "coco": ("train2014", "val2014"),
@@ -39,7 +42,8 @@ def vqa_annotations(root: str | Path, split: str) -> Path:
 
 
 def gqa_questions(root: str | Path, split: str) -> Path:
-    return Path(root) / "gqa" / f"{split}_balanced_questions.json"
+    # the server's `submission` file holds every test question, not the balanced subset
+    return Path(root) / "gqa" / (f"{split}_all_questions.json" if split == "submission" else f"{split}_balanced_questions.json")
 
 
 def nlvr2_data(root: str | Path, split: str) -> Path:
@@ -50,6 +54,30 @@ def flickr30k_dataset(root: str | Path) -> Path:
     return Path(root) / "flickr30k" / "dataset_flickr30k.json"
 
 
+def vg_region_descriptions(root: str | Path) -> Path:
+    return Path(root) / "vg" / "region_descriptions.json"
+
+
+def vg_question_answers(root: str | Path) -> Path:
+    return Path(root) / "vg" / "question_answers.json"
+
+
+def vg_image_data(root: str | Path) -> Path:
+    return Path(root) / "vg" / "image_data.json"
+
+
+def cc_captions(root: str | Path) -> Path:
+    return Path(root) / "cc" / "Train_GCC-training.tsv"
+
+
+def sbu_captions(root: str | Path) -> Path:
+    return Path(root) / "sbu" / "SBU_captioned_photo_dataset_captions.txt"
+
+
+def sbu_urls(root: str | Path) -> Path:
+    return Path(root) / "sbu" / "SBU_captioned_photo_dataset_urls.txt"
+
+
 def embedded_files(root: str | Path) -> list[Path]:
     """Every annotation file the embedded generator writes (images go under `image_dir`)."""
     files = []
@@ -57,8 +85,12 @@ def embedded_files(root: str | Path) -> list[Path]:
         files += [coco_instances(root, split), coco_captions(root, split), vqa_questions(root, split), vqa_annotations(root, split)]
     files += [gqa_questions(root, split) for split in EMBEDDED_SPLITS["gqa"]]
     files += [nlvr2_data(root, split) for split in EMBEDDED_SPLITS["nlvr2"]]
-    files.append(flickr30k_dataset(root))
+    files += [flickr30k_dataset(root), vg_region_descriptions(root), vg_question_answers(root), vg_image_data(root), cc_captions(root)]
     return files
+
+
+# VQA's test splits (EvalAI's test-dev and test-std phases) come without annotations.
+VQA_TEST_SPLITS = ("test-dev2015", "test2015")
 
 
 def task_files(task: str, root: str | Path, train_split: str, eval_splits: list[str]) -> dict[str, Path]:
@@ -67,7 +99,7 @@ def task_files(task: str, root: str | Path, train_split: str, eval_splits: list[
     if task == "vqa":
         return {
             **{f"{s}_questions": vqa_questions(root, s) for s in splits},
-            **{f"{s}_annotations": vqa_annotations(root, s) for s in splits},
+            **{f"{s}_annotations": vqa_annotations(root, s) for s in splits if s not in VQA_TEST_SPLITS},
         }
     if task == "gqa":
         return {f"{s}_questions": gqa_questions(root, s) for s in splits}
@@ -89,9 +121,15 @@ SOURCES = {
     "nlvr2_images": "NLVR2 images (by request from the NLVR2 authors; see the lil-lab/nlvr repository)",
     "flickr30k": "Karpathy's split dataset_flickr30k.json (Karpathy's neuraltalk caption data)",
     "flickr30k_images": "Flickr30K images (by request from the Flickr30K authors)",
+    "vg": "Visual Genome v1.2/1.4 region_descriptions.json, question_answers.json, image_data.json (visualgenome.org)",
+    "vg_images": "Visual Genome images (visualgenome.org, images.zip and images2.zip, merged into one folder)",
+    "cc": "Conceptual Captions Train_GCC-training.tsv (ai.google.com/research/ConceptualCaptions)",
+    "cc_images": "Conceptual Captions images, fetched by URL with img2dataset's default keys (README)",
+    "sbu": "SBU Captions' caption and URL lists (the SBU Captioned Photo Dataset page)",
+    "sbu_images": "SBU images, fetched by URL with img2dataset's default keys (README)",
 }
 TASK_SOURCES = {"vqa": "vqa", "gqa": "gqa", "nlvr2": "nlvr2", "retrieval": "flickr30k"}
-IMAGE_SOURCES = {"coco": "coco_images", "gqa": "gqa_images", "nlvr2": "nlvr2_images", "flickr30k": "flickr30k_images"}
+IMAGE_SOURCES = {s: f"{s}_images" for s in IMAGE_SETS}
 
 
 def required_files(config: dict) -> list[tuple[Path, str]]:
@@ -102,14 +140,15 @@ def required_files(config: dict) -> list[tuple[Path, str]]:
     root = config["data"]["root"]
     needed: list[tuple[Path, str]] = []
     for source, paths in corpus_source_files(root, config["data"]["corpus"]["sources"]).items():
-        hint = {"coco_captions": "coco_annotations", "vqa": "vqa", "gqa": "gqa"}[source]
-        needed += [(path, hint) for path in paths]
+        hint = {"coco_captions": "coco_annotations", "vg_captions": "vg", "vg_qa": "vg"}.get(source, source)
+        needed += [(path, f"{source}_images" if path.name == "images" else hint) for path in paths]
     for task, settings in config["finetune"]["tasks"].items():
         files = task_files(task, root, settings["train_split"], settings["eval_splits"])
         needed += [(path, TASK_SOURCES[task]) for path in files.values()]
     regions = config["regions"]
     if regions["backend"] != "tsv":
-        needed += [(image_dir(root, s), IMAGE_SOURCES[s]) for s in regions["image_sets"]]
+        extracted = [*regions["image_sets"], *regions["features_from"]]  # the latter into another set's store
+        needed += [(image_dir(root, s), IMAGE_SOURCES[s]) for s in extracted]
     if regions["backend"] == "torchvision" and regions["torchvision"]["weights"] is None:
         needed.append((coco_instances(root, "train2014"), "coco_annotations"))  # the detector trains on it
     unique: dict[Path, str] = {}

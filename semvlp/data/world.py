@@ -110,6 +110,7 @@ class WorldSpec:
     flickr_train: int = 400
     flickr_val: int = 50
     flickr_test: int = 100
+    cc_rows: int = 400  # Conceptual Captions lines; every CC_DEAD_URL_EVERY-th has no image, as a dead URL
     vqa_questions_per_image: int = 4
     gqa_questions_per_image: int = 4
     nlvr2_sentences_per_set: int = 4  # each labelled on the set's 4 image pairs
@@ -129,7 +130,7 @@ class WorldSpec:
                 f"min_objects={self.min_objects}, max_objects={self.max_objects}"
             )
         for name in ("coco_train", "coco_val", "gqa_train", "gqa_val", "nlvr2_train", "nlvr2_dev",
-                     "flickr_train", "flickr_val", "flickr_test"):
+                     "flickr_train", "flickr_val", "flickr_test", "cc_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.vqa_questions_per_image < 1000:
@@ -959,6 +960,70 @@ def _write_nlvr2(root: Path, spec: WorldSpec) -> dict:
     return counts
 
 
+VG_QUESTIONS_PER_IMAGE = 2
+CC_DEAD_URL_EVERY = 8
+
+
+def _write_vg(root: Path, spec: WorldSpec) -> dict:
+    """Visual Genome stand-ins over the GQA images, as in the real data (GQA imageId = VG image_id):
+    the same pictures under vg/images, a region phrase per object and per holding relation, and QAs
+    answered VG-style ("Red.")."""
+    images, regions, qas = [], [], []
+    for split, size in (("train", spec.gqa_train), ("val", spec.gqa_val)):
+        for index in range(size):
+            image_id = GQA_IMAGE_ID_OFFSETS[split] + index
+            scene = sample_scene(_rng(spec, "gqa", split, index), spec)  # the GQA image's own scene
+            rng = _rng(spec, "vg", split, index)
+            _save_png(render_scene(scene, spec.image_size), layout.image_dir(root, "vg") / f"{image_id}.png")
+            images.append({"width": spec.image_size, "url": f"https://example.invalid/vg/{image_id}.png",
+                           "height": spec.image_size, "image_id": image_id, "coco_id": None, "flickr_id": None})
+            phrases = [(article(describe(obj)), obj.box) for obj in scene.objects]
+            for a in scene.objects:
+                for b in scene.objects:
+                    relations = [r for r in RELATIONS if a is not b and relation_holds(r, a, b)]
+                    if relations:
+                        box = (min(a.box[0], b.box[0]), min(a.box[1], b.box[1]), max(a.box[2], b.box[2]), max(a.box[3], b.box[3]))
+                        phrases.append((f"{article(describe(a))} {RELATIONS[rng.choice(relations)][0]} {article(describe(b))}", box))
+            entry_regions = [
+                {"region_id": image_id * 100 + k, "width": x2 - x1, "height": y2 - y1, "image_id": image_id,
+                 "phrase": phrase, "y": y1, "x": x1}
+                for k, (phrase, (x1, y1, x2, y2)) in enumerate(phrases)
+            ]
+            regions.append({"regions": entry_regions, "id": image_id})
+            entry_qas = [
+                {"a_objects": [], "question": candidate.question, "image_id": image_id, "qa_id": image_id * 100 + k,
+                 "answer": _vg_answer(candidate.answer), "q_objects": []}
+                for k, (candidate, _) in enumerate(vqa_questions(scene, VG_QUESTIONS_PER_IMAGE, rng))
+            ]
+            qas.append({"id": image_id, "qas": entry_qas})
+    write_json(layout.vg_image_data(root), images)
+    write_json(layout.vg_region_descriptions(root), regions)
+    write_json(layout.vg_question_answers(root), qas)
+    return {"images": len(images), "regions": sum(len(e["regions"]) for e in regions), "qas": sum(len(e["qas"]) for e in qas)}
+
+
+def _vg_answer(answer: str) -> str:
+    """VG's style: "Red.", "Two." (the VQA normalisation maps them back to "red", "2")."""
+    return _sentence(NUMBER_WORDS[int(answer)] if answer.isdigit() else answer) + "."
+
+
+def _write_cc(root: Path, spec: WorldSpec) -> dict:
+    """A Conceptual Captions stand-in: `caption<TAB>url` lines, CC-style lowercase captions, and the
+    images an img2dataset run would have fetched (key = line number, in shard folder 00000), save for
+    every CC_DEAD_URL_EVERY-th line."""
+    lines, fetched = [], 0
+    for row in range(spec.cc_rows):
+        rng = _rng(spec, "cc", row)
+        scene = sample_scene(rng, spec)
+        caption = rng.choice(scene_captions(scene, rng)).rstrip(".").lower()
+        lines.append(f"{caption}\thttps://example.invalid/cc/{row}.png\n")
+        if (row + 1) % CC_DEAD_URL_EVERY:
+            _save_png(render_scene(scene, spec.image_size), layout.image_dir(root, "cc") / "00000" / f"{row:09d}.png")
+            fetched += 1
+    write_text(layout.cc_captions(root), "".join(lines))
+    return {"rows": spec.cc_rows, "images": fetched}
+
+
 def _json_line(entry: dict) -> str:
     return json.dumps(entry) + "\n"
 
@@ -991,7 +1056,7 @@ def _write_flickr30k(root: Path, spec: WorldSpec) -> dict:
 
 # Top-level entries of a generated world; a folder holding anything else is never replaced.
 # MANIFEST.json.run_id: the MLflow run id the workflow writes next to the manifest (semvlp.jobs).
-_WORLD_ENTRIES = {"coco", "vqa", "gqa", "nlvr2", "flickr30k", "MANIFEST.json", "MANIFEST.json.run_id", ".semvlp-world"}
+_WORLD_ENTRIES = {"coco", "vqa", "gqa", "nlvr2", "flickr30k", "vg", "cc", "MANIFEST.json", "MANIFEST.json.run_id", ".semvlp-world"}
 _MARKER = ".semvlp-world"
 
 
@@ -1015,6 +1080,8 @@ def generate_world(root: str | Path, spec: WorldSpec) -> dict:
             "gqa": _write_gqa(staging, spec),
             "nlvr2": _write_nlvr2(staging, spec),
             "flickr30k": _write_flickr30k(staging, spec),
+            "vg": _write_vg(staging, spec),
+            "cc": _write_cc(staging, spec),
         }
         manifest = {
             "generator": "semvlp.data.world",

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from semvlp.data.layout import IMAGE_SUFFIXES
 from semvlp.errors import InputError
 from semvlp.features import FeatureWriter, RegionRecord
 from semvlp.io import write_text
@@ -29,7 +30,6 @@ from semvlp.regions.selection import DetectedRegions
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class Backend(Protocol):
@@ -127,12 +127,19 @@ def build_extractor(cfg: dict[str, Any]) -> RegionExtractor:
     return RegionExtractor(BACKENDS[name](cfg))
 
 
-def list_images(images_dir: str | Path) -> list[Path]:
-    """Image files (jpg/jpeg/png, any case) under `images_dir`, recursively, sorted by path."""
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise InputError("image folder not found", images_dir)
-    return sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def list_images(*images_dirs: str | Path) -> list[Path]:
+    """Image files (jpg/jpeg/png, any case) under each folder, recursively, sorted by path. An image
+    whose stem an earlier folder already has is the same picture (GQA's imageId is Visual Genome's
+    image_id, so one store serves both sets) and is left out."""
+    images: list[Path] = []
+    stems: set[str] = set()
+    for images_dir in map(Path, images_dirs):
+        if not images_dir.is_dir():
+            raise InputError("image folder not found", images_dir)
+        found = sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images += [p for p in found if p.stem not in stems]
+        stems.update(p.stem for p in found)
+    return images
 
 
 def load_image(path: Path) -> Image.Image:

@@ -12,7 +12,7 @@ from semvlp.batching import RegionBank
 from semvlp.data.answers import AnswerTable
 from semvlp.data.formats import load_gqa
 from semvlp.io import write_json
-from semvlp.metrics import evaluate_gqa
+from semvlp.metrics import check_gqa_predictions, evaluate_gqa
 from semvlp.tasks.common import (
     AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, resume_point, task_info, train,
 )
@@ -35,6 +35,9 @@ def predict(model: AnswerClassifier, info: dict, files, split: str, bank: Region
 
 
 def evaluate(files, split: str, predictions_path, info: dict) -> dict[str, float]:
+    """Accuracy; for a split without answers (challenge, submission) the local check of the server file."""
+    if all(q.answer is None for q in load_gqa(files[f"{split}_questions"])):
+        return check_gqa_predictions(files[f"{split}_questions"], predictions_path)
     return evaluate_gqa(files[f"{split}_questions"], predictions_path)
 
 

@@ -14,7 +14,7 @@ from semvlp.data.answers import AnswerTable, vqa_targets
 from semvlp.data.formats import load_vqa
 from semvlp.errors import InputError
 from semvlp.io import write_json
-from semvlp.metrics import evaluate_vqa, normalize_vqa_answer
+from semvlp.metrics import check_vqa_predictions, evaluate_vqa, normalize_vqa_answer
 from semvlp.tasks.common import (
     AnswerClassifier, Encoder, TaskSettings, predict_answers, question_batcher, resume_point, task_info, train,
 )
@@ -61,6 +61,9 @@ def predict(model: AnswerClassifier, info: dict, files, split: str, bank: Region
 
 
 def evaluate(files, split: str, predictions_path, info: dict) -> dict[str, float]:
+    """Accuracy; for a test split (no annotations) the local check of the server file instead."""
+    if f"{split}_annotations" not in files:
+        return check_vqa_predictions(files[f"{split}_questions"], predictions_path)
     return evaluate_vqa(
         files[f"{split}_questions"], files[f"{split}_annotations"], predictions_path,
         legacy_normalization=info["legacy_normalization"],

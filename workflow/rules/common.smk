@@ -4,7 +4,7 @@ import os
 
 from semvlp.config import ablation_variants, extraction_config, variant_model_config
 from semvlp.data import layout
-from semvlp.data.corpus import corpus_source_files
+from semvlp.data.corpus import SOURCE_IMAGE_SET, corpus_source_files, held_out_files
 from semvlp.fingerprint import rule_fingerprint
 
 
@@ -12,6 +12,8 @@ DATA_ROOT = config["data"]["root"]
 TASKS = list(config["finetune"]["tasks"])
 SEEDS = config["finetune"]["seeds"]
 IMAGE_SETS = config["regions"]["image_sets"]
+# Image sets read from another set's store, not extracted again (DEVELOPERS.md, "Image sets").
+FEATURES_FROM = config["regions"]["features_from"]
 # The image set each task reads (DEVELOPERS.md, "Image sets").
 TASK_IMAGE_SET = {"vqa": "coco", "gqa": "gqa", "nlvr2": "nlvr2", "retrieval": "flickr30k"}
 # Job priorities (DEVELOPERS.md, "Threads and priorities"): the pre-training chain first; region features
@@ -20,14 +22,18 @@ TASK_IMAGE_SET = {"vqa": "coco", "gqa": "gqa", "nlvr2": "nlvr2", "retrieval": "f
 CHAIN_PRIORITY = 10
 FEATURES_PRIORITY = 5
 FINETUNE_PRIORITY = {"retrieval": 4, "vqa": 3, "gqa": 2, "nlvr2": 1}
-# The image set of each pre-training corpus source.
-SOURCE_IMAGE_SET = {"coco_captions": "coco", "vqa": "coco", "gqa": "gqa"}
 ENV = "../../envs/semvlp.yaml"
 RUN_JOB = "../scripts/run_job.py"
 
 
 def features(image_set):
-    return f"results/features/{image_set}.h5"
+    return f"results/features/{FEATURES_FROM.get(image_set, image_set)}.h5"
+
+
+def store_image_dirs(image_set):
+    """The image folders whose images go into an image set's store: its own, then the sets read from it."""
+    sets = [image_set] + [alias for alias, store in FEATURES_FROM.items() if store == image_set]
+    return [str(layout.image_dir(DATA_ROOT, s)) for s in sets]
 
 
 def pretrain_features():
@@ -51,6 +57,15 @@ def corpus_inputs():
     """The pre-training corpus's source files by source (VQA: questions and annotations)."""
     files = corpus_source_files(DATA_ROOT, config["data"]["corpus"]["sources"])
     return {source: [str(path) for path in paths] for source, paths in files.items()}
+
+
+def held_out():
+    """The files naming the evaluation images the corpus leaves out, by task and split."""
+    if not config["data"]["corpus"]["exclude_eval_images"]:
+        return {}
+    splits = {task: settings["eval_splits"] for task, settings in config["finetune"]["tasks"].items()}
+    files = held_out_files(DATA_ROOT, splits)
+    return {task: {split: str(path) for split, path in by_split.items()} for task, by_split in files.items()}
 
 
 def schedule(variant):

@@ -7,7 +7,7 @@ if config["data"].get("generate"):
         output:
             manifest=f"{DATA_ROOT}/MANIFEST.json",
             files=[str(path) for path in layout.embedded_files(DATA_ROOT)],
-            images=[directory(str(layout.image_dir(DATA_ROOT, s))) for s in layout.IMAGE_SETS],
+            images=[directory(str(layout.image_dir(DATA_ROOT, s))) for s in layout.EMBEDDED_IMAGE_SETS],
         params:
             spec=config["data"]["generate"],
             root=lambda wildcards, output: os.path.dirname(output.manifest),
@@ -27,11 +27,14 @@ if config["data"].get("generate"):
 rule build_corpus:
     input:
         **corpus_inputs(),
+        held_out=sorted({path for by_split in held_out().values() for path in by_split.values()}),
     output:
         corpus="results/corpus/pretrain.jsonl",
         answers="results/corpus/answers.json",
+        summary="results/corpus/summary.json",
     params:
         corpus=config["data"]["corpus"],
+        held_out=held_out(),
         code=code("build_corpus"),
     log:
         "results/logs/build_corpus.log",

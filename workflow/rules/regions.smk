@@ -56,7 +56,7 @@ else:
 
     rule extract_regions:
         input:
-            images=lambda wildcards: str(layout.image_dir(DATA_ROOT, wildcards.image_set)),
+            images=lambda wildcards: store_image_dirs(wildcards.image_set),
             weights=detector_weights(),
         output:
             "results/features/{image_set}/shard{shard}.h5",
