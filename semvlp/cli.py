@@ -71,8 +71,7 @@ def _corpus(args) -> dict:
     from semvlp.data.corpus import build_corpus, write_corpus
 
     held_out: dict[str, list[str]] = {}
-    for item in args.held_out:
-        task, _, split = item.partition(":")
+    for task, split in args.held_out:
         held_out.setdefault(task, []).append(split)
     built = build_corpus(
         args.root, args.sources, min_answer_count=args.min_answer_count, coco_splits=args.coco_splits,
@@ -83,13 +82,13 @@ def _corpus(args) -> dict:
     return {**built.summary(), "output": str(args.out), "answers_file": str(answers)}
 
 
-def _held_out_split(value: str) -> str:
+def _held_out_split(value: str) -> tuple[str, str]:
     from semvlp.data.corpus import HELD_OUT_TASKS
 
     task, colon, split = value.partition(":")
     if not colon or not split or task not in HELD_OUT_TASKS:
         raise argparse.ArgumentTypeError(f"{value!r}: expected TASK:SPLIT with TASK one of {', '.join(HELD_OUT_TASKS)}")
-    return value
+    return task, split
 
 
 def _config(args) -> dict:

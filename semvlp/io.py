@@ -137,6 +137,17 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"not valid JSON ({err})", path) from None
 
 
+def read_text_lines(path: str | Path) -> list[str]:
+    """A UTF-8 text file's lines, without line ends."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text ({err})", path) from None
+
+
 def config_digest(config: dict[str, Any]) -> str:
     """Short digest of a JSON-like config (key order does not matter)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]

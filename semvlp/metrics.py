@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from semvlp.errors import InputError
-from semvlp.io import read_json
+from semvlp.io import read_json, read_text_lines
 
 # ---------------------------------------------------------------------------------------------------
 # VQA answer normalisation (tables and rules of the official evaluator)
@@ -240,15 +240,6 @@ def _require_fields(entry: Any, fields: dict[str, type], path: Path, where: str)
                 f'{where} has "{name}" = {_describe(value)}; expected {expected.__name__}', path
             )
     return entry
-
-
-def _read_text_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise InputError("file not found", path)
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise InputError(f"not UTF-8 text ({err})", path) from None
 
 
 def _match_predictions(
@@ -464,7 +455,7 @@ def _nlvr2_sentence_key(identifier: str) -> str:
 def _nlvr2_examples(data_path: Path, *, labelled: bool) -> dict[str, str | None]:
     """identifier -> lowercased label ("true"/"false"; None when not `labelled`: NLVR2's hidden test)."""
     label_by_example: dict[str, str | None] = {}
-    for line_number, line in enumerate(_read_text_lines(data_path), start=1):
+    for line_number, line in enumerate(read_text_lines(data_path), start=1):
         if not line.strip():
             continue
         where = f"line {line_number}"
@@ -491,7 +482,7 @@ def _nlvr2_examples(data_path: Path, *, labelled: bool) -> dict[str, str | None]
 def _nlvr2_predictions(predictions_path: Path, identifiers: list[str], data_path: Path) -> dict[str, str]:
     """The predictions CSV (`identifier,True|False` lines, optional header), checked to predict every
     example once."""
-    lines = _read_text_lines(predictions_path)
+    lines = read_text_lines(predictions_path)
     first_line = 1
     if lines and lines[0].strip().lower() == _NLVR2_HEADER:
         first_line = 2

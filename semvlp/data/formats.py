@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from semvlp.errors import InputError
-from semvlp.io import read_json
+from semvlp.io import read_json, read_text_lines
 
 # Karpathy split names (`restval` exists in the COCO version of the file).
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -563,7 +563,7 @@ def load_cc_captions(path: str | Path) -> list[WebCaption]:
     """Conceptual Captions `caption<TAB>url` lines (no header), in file order."""
     path = Path(path)
     captions = []
-    for row, line in enumerate(_text_lines(path)):
+    for row, line in enumerate(read_text_lines(path)):
         fields = line.split("\t")
         if len(fields) != 2:
             raise InputError(f"line {row + 1} has {len(fields) - 1} tabs, expected caption<TAB>url", path)
@@ -577,7 +577,7 @@ def load_cc_captions(path: str | Path) -> list[WebCaption]:
 def load_sbu_captions(captions_path: str | Path, urls_path: str | Path) -> list[WebCaption]:
     """SBU's two line-aligned files (`SBU_captioned_photo_dataset_captions.txt` and `..._urls.txt`)."""
     captions_path, urls_path = Path(captions_path), Path(urls_path)
-    captions, urls = _text_lines(captions_path), _text_lines(urls_path)
+    captions, urls = read_text_lines(captions_path), read_text_lines(urls_path)
     if len(captions) != len(urls):
         raise InputError(f"has {len(captions)} lines but {urls_path} has {len(urls)}; they must align", captions_path)
     records = []
@@ -590,12 +590,3 @@ def load_sbu_captions(captions_path: str | Path, urls_path: str | Path) -> list[
         records.append(WebCaption(row, caption, url))
     return records
 
-
-def _text_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise InputError("file not found", path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"is not UTF-8 text ({err})", path) from None
-    return text.splitlines()
