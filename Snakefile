@@ -4,7 +4,7 @@
 from snakemake.exceptions import WorkflowError
 from semvlp import tracking
 from semvlp.config import ConfigError, path_problems, validate_config
-from semvlp.data.layout import missing_files_message
+from semvlp.data.requirements import missing_files_message
 
 
 # The embedded default; --configfile adds overrides on top of it (config/tiny.yaml, config/paper.yaml).

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from semvlp.data.corpus import CORPUS_SOURCES
-from semvlp.data.layout import TASK_SOURCES
 from semvlp.errors import InputError
+from semvlp.tasks import TASKS
 
 
 def _evaluate(args) -> dict:
@@ -99,13 +99,13 @@ def _config(args) -> dict:
 
 
 def _predict(args) -> dict:
-    from semvlp.data.layout import task_files
-    from semvlp.tasks import predict_task
+    from semvlp.tasks import task_spec
+    from semvlp.tasks.runner import predict_task
 
-    files = task_files(args.task, args.data_root, args.split, [])
+    spec = task_spec(args.task)
     return predict_task(
-        args.model, task=args.task, split=args.split, files=files, features_path=args.features, out_dir=args.out,
-        evaluate=args.evaluate,
+        args.model, task=args.task, split=args.split, files=spec.split_files(args.data_root, args.split),
+        feature_paths={spec.image_set: args.features}, out_dir=args.out, evaluate=args.evaluate,
     )
 
 
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict", help="predict a split with a saved fine-tuned model (a finetune job's model/), without training"
     )
-    predict.add_argument("task", choices=list(TASK_SOURCES))
+    predict.add_argument("task", choices=list(TASKS))
     predict.add_argument("--model", required=True, type=Path, help="the saved model directory")
     predict.add_argument("--data-root", required=True, type=Path, help="the official files, named as data.root has them")
     predict.add_argument("--split", required=True, help="e.g. test2015 (VQA), testdev (GQA), test1 (NLVR2), test")

@@ -35,6 +35,10 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+# Keys a later version renamed: what to write instead.
+RENAMED_KEYS = {"train_split": "renamed to train_splits, a list of splits trained on together"}
+
+
 def _describe(error: jsonschema.ValidationError) -> str:
     """One line naming the offending key; unknown keys are named themselves, not their parent."""
     path = list(error.absolute_path)
@@ -43,7 +47,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
         unexpected = re.search(r"\((.*) (?:was|were) unexpected\)", error.message)
         if unexpected:
             first = re.findall(r"'([^']*)'", unexpected.group(1))[0]
-            return f"config key '{_key_path(path + [first])}': unknown key (not in the schema)"
+            return f"config key '{_key_path(path + [first])}': unknown key ({RENAMED_KEYS.get(first, 'not in the schema')})"
     if error.validator == "required":
         return f"config key '{_key_path(path)}': {error.message}"
     if error.validator == "propertyNames":
@@ -63,9 +67,10 @@ def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA_PAT
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
-        # Prefer the deepest error: it names the exact key rather than an enclosing object.
-        deepest = max(errors, key=lambda e: len(e.absolute_path))
-        raise ConfigError(_describe(deepest))
+        # A renamed key first: its message says what to write instead. Otherwise the deepest error: it
+        # names the exact key rather than an enclosing object.
+        renamed = [e for e in errors if "unexpected" in e.message and any(f"'{key}'" in e.message for key in RENAMED_KEYS)]
+        raise ConfigError(_describe(renamed[0] if renamed else max(errors, key=lambda e: len(e.absolute_path))))
     _check_relations(config)
     return config
 
@@ -91,6 +96,7 @@ def _check_relations(config: dict[str, Any]) -> None:
         if config["regions"]["torchvision"]["weights"] is None and "train_detector" not in config["regions"]:
             fail("regions.torchvision.weights", "null (train a detector) needs a regions.train_detector section")
     _check_image_sets(config, fail)
+    _check_tasks(config, fail)
     model = config["model"]
     if model["hidden_size"] % model["num_heads"]:
         fail("model.num_heads", f"{model['num_heads']} does not divide hidden_size {model['hidden_size']}")
@@ -135,6 +141,21 @@ def _check_image_sets(config: dict[str, Any], fail: Callable[[str, str], None]) 
         image_set = SOURCE_IMAGE_SET[source]
         if image_set not in extracted and image_set not in regions["features_from"]:
             fail(f"data.corpus.sources.{i}", f"'{source}' needs image set '{image_set}', which regions.image_sets does not list")
+
+
+def _check_tasks(config: dict[str, Any], fail: Callable[[str, str], None]) -> None:
+    """What each task's settings class checks itself, and a feature store for every image set it reads."""
+    from semvlp.tasks import TASKS
+
+    regions = config["regions"]
+    stores = {*regions["image_sets"], *regions["features_from"]}
+    for task, section in config["finetune"]["tasks"].items():
+        spec = TASKS[task]
+        for key, problem in spec.settings.problems(section):
+            fail(f"finetune.tasks.{task}.{key}", problem)
+        for image_set in spec.image_sets(section):
+            if image_set not in stores:
+                fail(f"finetune.tasks.{task}", f"reads image set '{image_set}', which regions.image_sets does not list")
 
 
 def _add_sweep_variants(config: dict[str, Any]) -> None:
@@ -184,6 +205,9 @@ def path_problems(config: dict[str, Any]) -> list[str]:
     if regions["backend"] == "tsv":
         for image_set in regions["image_sets"]:
             need(f"regions.tsv.{image_set}", regions["tsv"][image_set])
+    for task, section in config["finetune"]["tasks"].items():
+        if section.get("held_out_images") is not None:
+            need(f"finetune.tasks.{task}.held_out_images", section["held_out_images"])
     return problems
 
 

@@ -280,18 +280,21 @@ def _torchrun_phase(args: dict[str, Any], settings, loader, gpus: int, job) -> d
 
 @handler("finetune")
 def _finetune(smk, job):
-    from semvlp.tasks import run_task
+    from semvlp.tasks import task_spec
+    from semvlp.tasks.runner import run_task
 
     task, seed = smk.wildcards.task, int(smk.wildcards.seed)
+    task_config = dict(smk.params.task_config)
+    feature_paths = {image_set: smk.input[image_set] for image_set in task_spec(task).image_sets(task_config)}
     out_dir = Path(smk.output.metrics).parent
     job.set_tags({"semvlp.upstream_run_id": tracking.read_run_id(f"{smk.input.checkpoint}.run_id")})
     summary, results = run_task(
         task,
         checkpoint=smk.input.checkpoint,
-        files={k: v for k, v in smk.input.items() if k not in ("checkpoint", "features", "tokenizer")},
-        features_path=smk.input.features,
+        files={k: v for k, v in smk.input.items() if k not in ("checkpoint", "tokenizer", *feature_paths)},
+        feature_paths=feature_paths,
         tokenizer_dir=Path(smk.input.tokenizer).parent,
-        task_config=dict(smk.params.task_config),
+        task_config=task_config,
         seed=seed,
         max_text_length=smk.params.max_text_length,
         out_dir=out_dir,

@@ -27,10 +27,11 @@ import json
 import re
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
+from semvlp.data.formats import load_vqa
 from semvlp.errors import InputError
 from semvlp.io import read_json, read_text_lines
 
@@ -328,7 +329,12 @@ def check_vqa_predictions(questions_path: str | Path, predictions_path: str | Pa
 
 
 def evaluate_vqa(
-    questions_path: str | Path, annotations_path: str | Path, predictions_path: str | Path, *, legacy_normalization: bool = False
+    questions_path: str | Path,
+    annotations_path: str | Path,
+    predictions_path: str | Path,
+    *,
+    legacy_normalization: bool = False,
+    images: Collection[str] | None = None,
 ) -> dict:
     """Official VQA v2 accuracy of a predictions file (`vqa_question_accuracy`: the official file as it
     stands, or with `legacy_normalization` as it was before 2021).
@@ -341,6 +347,8 @@ def evaluate_vqa(
 
     Per answer type, this is the mean of the per-question accuracies of that type. (The official file
     did the same since Sep 2015; its earlier state averaged the last leave-one-out score, a bug.)
+    With `images` (file stems, COCO_val2014_000000000042), only the questions on those images are
+    scored and predicted (a held-out part of a split, such as LXMERT's minival).
     """
     questions_path, annotations_path = Path(questions_path), Path(annotations_path)
     predictions_path = Path(predictions_path)
@@ -369,6 +377,12 @@ def evaluate_vqa(
         if question_id not in annotated_set:
             raise InputError(f"question {question_id} has no annotation", annotations_path)
 
+    if images is not None:
+        scored = {q.question_id for q in load_vqa(questions_path) if q.img_id in images}
+        question_ids = [question_id for question_id in question_ids if question_id in scored]
+        annotations = [annotation for annotation in annotations if annotation["question_id"] in scored]
+        if not question_ids:
+            raise InputError("no question is on one of the images to score", questions_path)
     answer_by_question = _vqa_predictions(predictions_path, question_ids, questions_path)
 
     accuracies: list[float] = []

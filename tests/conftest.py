@@ -29,7 +29,7 @@ TINY = str(REPO / "config" / "tiny.yaml")
 
 def task_config(task: str, **values) -> dict:
     """A task's section of the validated default config (every key, the schema's defaults included),
-    with `values` set: what the finetune rule passes to run_task."""
+    with `values` set: what the finetune rule passes to semvlp.tasks.runner.run_task."""
     import yaml
 
     from semvlp.config import validate_config

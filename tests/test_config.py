@@ -42,29 +42,30 @@ def test_defaults_are_filled_into_a_copy(default_config):
 
 
 def test_settings_take_every_schema_default_from_the_config():
-    """One source of each default: where the schema has one, the settings classes and task functions
-    the workflow calls have none of their own (which could drift from it)."""
+    """One source of each default: where the schema has one, the settings classes the workflow builds
+    have none of their own (which could drift from it); each task's settings class has exactly the
+    keys of its section of the schema."""
     import dataclasses
-    import inspect
 
     from semvlp.pretrain import PhaseSettings
-    from semvlp.tasks import EXTRA_KEYS, task_module
-    from semvlp.tasks.common import TaskSettings
+    from semvlp.tasks import TASKS
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    task_defaults = {k for k, v in schema["$defs"]["task"]["properties"].items() if "default" in v}
+    common = schema["$defs"]["task"]["properties"]
     phase_defaults = {k for k, v in schema["properties"]["pretrain"]["properties"]["phase"]["properties"].items() if "default" in v}
     phase_defaults |= {"itm_sources"}  # pretrain.itm_sources, passed to the phase's settings
-    for cls, names in ((TaskSettings, task_defaults), (PhaseSettings, phase_defaults)):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        assert names <= set(fields), f"{cls.__name__} lacks {names - set(fields)}"
-        doubled = [n for n in names if fields[n].default is not dataclasses.MISSING or fields[n].default_factory is not dataclasses.MISSING]
-        assert not doubled, f"{cls.__name__} has its own default for {doubled}"
     tasks = schema["properties"]["finetune"]["properties"]["tasks"]["properties"]
-    for task, keys in EXTRA_KEYS.items():
-        assert all("default" in tasks[task]["properties"][key] for key in keys)
-        parameters = inspect.signature(task_module(task).run).parameters
-        assert all(parameters[key].default is inspect.Parameter.empty for key in keys), task
+    checks = [(PhaseSettings, phase_defaults, None)]
+    for name, spec in TASKS.items():
+        keys = {**common, **tasks[name].get("properties", {})}
+        checks.append((spec.settings, {k for k, v in keys.items() if "default" in v}, set(keys)))
+    for cls, defaults, keys in checks:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert defaults <= set(fields), f"{cls.__name__} lacks {defaults - set(fields)}"
+        doubled = [n for n in defaults if fields[n].default is not dataclasses.MISSING or fields[n].default_factory is not dataclasses.MISSING]
+        assert not doubled, f"{cls.__name__} has its own default for {doubled}"
+        if keys is not None:  # every config key reaches the task, and the task reads no other
+            assert set(fields) - {"seed", "max_text_length"} == keys, cls.__name__
 
 
 @pytest.mark.parametrize(
@@ -134,7 +135,7 @@ def test_snakemake_stops_before_any_job_naming_the_key(tmp_path):
              "config key 'regions.detectron2.weights': d2/model.pkl: no such file"],
         ),
         (
-            {"regions": {"backend": "tsv", "image_sets": ["coco"], "tsv": {"coco": "tsv/coco_obj36.tsv"}},
+            {"regions": {"backend": "tsv", "tsv": {s: f"tsv/{s}_obj36.tsv" for s in ("coco", "gqa", "nlvr2", "flickr30k")}},
              "data": {"corpus": {"sources": ["coco_captions", "vqa"]}}},
             ["config key 'regions.tsv.coco': tsv/coco_obj36.tsv: no such file"],
         ),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import BIN, kill_once_written, task_config
-from semvlp.tasks import run_task
+from semvlp.tasks.runner import run_task
 from semvlp.tasks.common import trained_mode
 
 
@@ -20,7 +20,7 @@ def test_finetuning_does_not_depend_on_the_global_random_state(tiny_run, tmp_pat
     """A job's process starts from an unseeded RNG; the task's new head must still be the same."""
     results = tiny_run.workdir / "results"
     nlvr2 = next((results / "data").rglob("nlvr2"))
-    nlvr2_config = task_config("nlvr2", train_split="train", eval_splits=["dev"], mode="single", epochs=1, batch_size=16, lr=1e-3)
+    nlvr2_config = task_config("nlvr2", train_splits=["train"], eval_splits=["dev"], mode="single", epochs=1, batch_size=16, lr=1e-3)
     outcomes = []
     for disturbance in (1, 2):
         torch.manual_seed(disturbance)
@@ -29,7 +29,7 @@ def test_finetuning_does_not_depend_on_the_global_random_state(tiny_run, tmp_pat
             "nlvr2",
             checkpoint=results / "pretrain" / "semvlp" / "phase2.safetensors",
             files={"train_data": nlvr2 / "train.json", "dev_data": nlvr2 / "dev.json"},
-            features_path=results / "features" / "nlvr2.h5",
+            feature_paths={"nlvr2": results / "features" / "nlvr2.h5"},
             tokenizer_dir=results / "tokenizer",
             task_config=nlvr2_config,
             seed=0,
@@ -56,9 +56,9 @@ def test_auto_mode_is_the_mode_of_the_last_phase(tiny_run, tmp_path):
             "nlvr2",
             checkpoint=pretrain / "semvlp" / "phase2.safetensors",
             files={"train_data": nlvr2 / "train.json", "dev_data": nlvr2 / "dev.json"},
-            features_path=results / "features" / "nlvr2.h5",
+            feature_paths={"nlvr2": results / "features" / "nlvr2.h5"},
             tokenizer_dir=results / "tokenizer",
-            task_config=task_config("nlvr2", train_split="train", eval_splits=["dev"], mode=mode, epochs=1, batch_size=16, lr=1e-3),
+            task_config=task_config("nlvr2", train_splits=["train"], eval_splits=["dev"], mode=mode, epochs=1, batch_size=16, lr=1e-3),
             seed=0,
             max_text_length=24,
             out_dir=tmp_path / mode,
@@ -76,9 +76,9 @@ def finetune_process(results: Path, out_dir: Path) -> subprocess.Popen:
     call = dict(
         checkpoint=str(results / "pretrain" / "semvlp" / "phase2.safetensors"),
         files={"train_data": str(nlvr2 / "train.json"), "dev_data": str(nlvr2 / "dev.json")},
-        features_path=str(results / "features" / "nlvr2.h5"),
+        feature_paths={"nlvr2": str(results / "features" / "nlvr2.h5")},
         tokenizer_dir=str(results / "tokenizer"),
-        task_config=task_config("nlvr2", train_split="train", eval_splits=["dev"], mode="single", epochs=3, batch_size=8, lr=1e-3,
+        task_config=task_config("nlvr2", train_splits=["train"], eval_splits=["dev"], mode="single", epochs=3, batch_size=8, lr=1e-3,
                                 checkpoint_every=2),
         seed=0,
         max_text_length=24,
@@ -86,7 +86,7 @@ def finetune_process(results: Path, out_dir: Path) -> subprocess.Popen:
         model_dir=str(out_dir / "model"),
     )
     script = (
-        "import json, sys; from semvlp.tasks import run_task; "
+        "import json, sys; from semvlp.tasks.runner import run_task; "
         f"summary, _ = run_task('nlvr2', **json.loads({json.dumps(json.dumps(call))})); "
         f"open({str(out_dir / 'summary.json')!r}, 'w').write(json.dumps(summary))"
     )
@@ -162,11 +162,12 @@ def test_a_saved_model_of_another_task_is_refused_naming_it(tiny_run, tmp_path):
 
 
 def test_a_saved_model_loads_with_its_task_settings(tiny_run):
-    from semvlp.tasks import load_task_model
+    from semvlp.tasks.runner import load_task_model
 
     saved = tiny_run.workdir / "results" / "finetune" / "semvlp" / "vqa" / "seed0" / "model"
-    module, model, info, tokenizer = load_task_model(saved, torch.device("cpu"))
-    assert module.__name__ == "semvlp.tasks.vqa" and not model.training
+    spec, model, info, tokenizer = load_task_model(saved, torch.device("cpu"))
+    assert spec.name == "vqa" and spec.implementation().__module__ == "semvlp.tasks.vqa" and not model.training
     assert info["task"] == "vqa" and info["mode"] in ("single", "two") and len(info["answers"]) == model.head[-1].out_features
-    assert info["trained_on"]["split"] == "train2014" and info["trained_on"]["examples"] > 0
+    assert info["trained_on"]["splits"] == ["train2014"] and info["trained_on"]["examples"] > 0
+    assert info["settings"]["min_answer_count"] == 1 and info["settings"]["held_out_images"] is None
     assert tokenizer.vocab_size == model.encoder.config.vocab_size

@@ -9,7 +9,7 @@ from snakemake.utils import update_config
 
 from conftest import REPO, run_snakemake
 from semvlp.config import validate_config
-from semvlp.data.layout import required_files
+from semvlp.data.requirements import required_files
 from test_workflow import job_counts
 
 PAPER = str(REPO / "config" / "paper.yaml")
@@ -35,6 +35,10 @@ def test_missing_files_stop_the_run_with_the_list_and_where_to_get_them(tmp_path
     # the files the config names itself: one line each, naming the key
     assert "config key 'model.init': resources/models/bert-base-uncased: no such directory" in output
     assert "config key 'regions.detectron2.weights': resources/models/faster_rcnn_from_caffe_attr.pkl: no such file" in output
+    assert "config key 'finetune.tasks.vqa.held_out_images': resources/vqa/lxmert_minival.json: no such file" in output
+    # the test-server splits: questions only
+    assert "resources/vqa/v2_OpenEnded_mscoco_test-dev2015_questions.json" in output
+    assert "v2_mscoco_test-dev2015_annotations" not in output and "resources/gqa/submission_all_questions.json" in output
     assert "Job stats" not in output and not (tmp_path / "results").exists()
 
 
@@ -55,6 +59,7 @@ def write_placeholder_files(workdir) -> None:
         (bert / name).write_text("placeholder\n")
     for key in ("config_file", "weights"):
         (workdir / config["regions"]["detectron2"][key]).write_text("placeholder\n")
+    (workdir / config["finetune"]["tasks"]["vqa"]["held_out_images"]).write_text("placeholder\n")
 
 
 def test_paper_config_plans_the_full_dag_with_placeholder_files(tmp_path):

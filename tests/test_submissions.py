@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN
+from conftest import BIN, task_config
 from semvlp.data import layout
+from semvlp.tasks import TASKS
 from semvlp.data.formats import load_vqa
 from semvlp.metrics import check_gqa_predictions, check_nlvr2_predictions, check_vqa_predictions
 from semvlp.errors import InputError
@@ -31,7 +32,7 @@ def test_vqa_test_dev_questions_name_the_test2015_images(tmp_path):
     path = tmp_path / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
     path.write_text(json.dumps(data))
     assert {q.img_id for q in load_vqa(path)} == {"COCO_test2015_000000000042", "COCO_test2015_000000000073"}
-    assert "test-dev2015_annotations" not in layout.task_files("vqa", tmp_path, "train2014", ["test-dev2015"])
+    assert "test-dev2015_annotations" not in TASKS["vqa"].files(tmp_path, {**task_config("vqa"), "eval_splits": ["test-dev2015"]})
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,5 +1,5 @@
-"""What every fine-tuning task shares: the encoder from a pre-training checkpoint, the training loop,
-saving and loading a fine-tuned task model.
+"""What every fine-tuning task shares: the `Task` interface, the encoder from a pre-training
+checkpoint, the training loop, saving a fine-tuned task model.
 
 A fine-tuning job runs on the GPU when it has one (the rule's `gpu` resource), with bf16 autocast over
 forward passes and losses as pre-training uses there; batches are built on the CPU and moved by the
@@ -9,9 +9,9 @@ encoder. On the CPU everything stays float32.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -21,35 +21,11 @@ from semvlp.batching import RegionBank, encode_text, encoder_inputs
 from semvlp.engine import OptimizerSettings, Trainer, autocast, file_stamp
 from semvlp.io import atomic_directory, write_json
 from semvlp.model import CONFIG_NAME, WEIGHTS_NAME, SemVLPForPreTraining, read_weights_metadata, save_weights
+from semvlp.tasks import TaskSettings, TaskSpec, task_spec
 from semvlp.tokenization import save_tokenizer
 
 # What a saved task model needs besides its weights: the task, the encoder mode, the answer table...
 TASK_FILE = "task.json"
-
-
-@dataclass
-class TaskSettings:
-    """A task's settings: every value comes from the validated config (the schema holds the defaults)."""
-
-    train_split: str
-    eval_splits: list[str]
-    mode: str  # single | two | both (outputs of the two modes averaged) | auto (see trained_mode)
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_ratio: float
-    seed: int
-    max_text_length: int
-    checkpoint_every: int  # steps between partial checkpoints (a rerun resumes from the last)
-    accumulation_steps: int  # micro-batches per optimiser step
-    max_train_examples: int | None
-
-    @classmethod
-    def from_config(cls, task_config: dict[str, Any], *, seed: int, max_text_length: int) -> "TaskSettings":
-        """From a task's section of the validated config (task-specific keys are left to the task)."""
-        keys = [name for name in cls.__dataclass_fields__ if name not in ("seed", "max_text_length")]
-        return cls(seed=seed, max_text_length=max_text_length, **{key: task_config[key] for key in keys})
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -118,24 +94,65 @@ class AnswerClassifier(nn.Module):
         return self.head(self.encoder(batch).pooled)  # [B, A]
 
 
-def question_batcher(bank: RegionBank, image_set: str, tokenizer, max_length: int) -> Callable[[Sequence], dict]:
-    """Batches of questions (records with `img_id` and `question`) over one image set."""
+class Task:
+    """A fine-tuning task. A subclass names its `TASKS` entry (`name`) and says how to build its
+    training examples, its model, the loss of a batch, the predictions of a split and their scores;
+    `semvlp.tasks.runner` does the rest (the same training loop, saving, loading) for every task.
 
-    def make_batch(questions: Sequence) -> dict[str, torch.Tensor]:
-        batch = bank.batch([(image_set, q.img_id) for q in questions])
-        batch.update(encode_text(tokenizer, [q.question for q in questions], max_length))
+    `files` are the task's files by name (`TaskSpec.files`), `bank` the feature stores of its image sets.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: TaskSettings, files: dict[str, Path], bank: RegionBank, tokenizer):
+        self.settings, self.files, self.bank, self.tokenizer = settings, {k: Path(v) for k, v in files.items()}, bank, tokenizer
+        # random generators the loss draws from, saved with a partial checkpoint so a resumed run replays them
+        self.generators: dict[str, torch.Generator] = {}
+
+    @property
+    def spec(self) -> TaskSpec:
+        return task_spec(self.name)
+
+    def training_examples(self) -> tuple[list, dict[str, Any]]:
+        """The training examples of all training splits, and what the saved model must record besides
+        the common keys (e.g. the answer table) as a dict for task.json."""
+        raise NotImplementedError
+
+    def build_model(self, encoder: Encoder, info: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, examples: Sequence, step: int) -> torch.Tensor:
+        """The mean loss of `examples` at optimiser step `step`."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, info: dict[str, Any], split: str, out_dir: str | Path) -> Path:
+        """Predict `split` into the file its benchmark takes (needs no labels); returns its path."""
+        raise NotImplementedError
+
+    def evaluate(self, split: str, predictions_path: Path, info: dict[str, Any]) -> dict[str, Any]:
+        """The split's metrics; for a split without labels, the local check of the server file."""
+        raise NotImplementedError
+
+
+class QuestionAnsweringTask(Task):
+    """Classification over an answer table from the pooled output (VQA, GQA)."""
+
+    def build_model(self, encoder: Encoder, info: dict[str, Any]) -> AnswerClassifier:
+        return AnswerClassifier(encoder, len(info["answers"]))
+
+    def question_batch(self, items: Sequence[tuple[str, str, str]]) -> dict[str, torch.Tensor]:
+        """The model inputs of (image set, image id, question) items."""
+        batch = self.bank.batch([(image_set, img_id) for image_set, img_id, _ in items])
+        batch.update(encode_text(self.tokenizer, [text for _, _, text in items], self.settings.max_text_length))
         return batch
 
-    return make_batch
-
-
-def predict_answers(model: AnswerClassifier, questions: Sequence, make_batch, answers: Sequence[str]) -> list[str]:
-    """The highest-scoring answer of the table for each question."""
-    predicted: list[str] = []
-    with torch.no_grad(), autocast(device_of(model)):
-        for chunk in batches_of(questions, 256):
-            predicted += [answers[i] for i in model(make_batch(chunk)).argmax(-1).tolist()]
-    return predicted
+    def predict_answers(self, model: AnswerClassifier, items: Sequence[tuple[str, str, str]], answers: Sequence[str]) -> list[str]:
+        """The highest-scoring answer of the table for each (image set, image id, question)."""
+        predicted: list[str] = []
+        with torch.no_grad(), autocast(device_of(model)):
+            for chunk in batches_of(items, 256):
+                predicted += [answers[i] for i in model(self.question_batch(chunk)).argmax(-1).tolist()]
+        return predicted
 
 
 def batches_of(items: Sequence, size: int):
@@ -212,27 +229,8 @@ def train(
     return losses
 
 
-def resume_point(out_dir: str | Path, checkpoint: str | Path, **task_values) -> dict[str, Any]:
-    """train()'s `partial` (in the job's output folder) and `identity` (the pre-trained checkpoint's
-    version and the task's own settings) for a task."""
-    return {"partial": Path(out_dir) / "train.partial", "identity": {"checkpoint": file_stamp(checkpoint), **task_values}}
-
-
-def task_info(task: str, settings: TaskSettings, checkpoint, examples: int, **extra: Any) -> dict[str, Any]:
-    """A task model's task.json: what predicting needs (task, mode, text length, `extra` such as the
-    answer table) and what it was trained on."""
-    return {
-        "task": task,
-        "mode": settings.mode,
-        "max_text_length": settings.max_text_length,
-        **extra,
-        "trained_on": {"split": settings.train_split, "examples": examples, "pretrained": file_stamp(checkpoint)},
-        "settings": asdict(settings),
-    }
-
-
 def save_task_model(model: nn.Module, out_dir: str | Path, info: dict[str, Any], tokenizer) -> None:
-    """A fine-tuned model as a directory that loads without the workflow (semvlp.tasks.load_task_model):
+    """A fine-tuned model as a directory that loads without the workflow (semvlp.tasks.runner.load_task_model):
     the encoder's config.json, the whole model's model.safetensors, task.json and the tokenizer files.
     Written whole or not at all."""
     config = model.encoder.config

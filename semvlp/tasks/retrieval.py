@@ -23,9 +23,10 @@ from semvlp.batching import RegionBank, encode_text
 from semvlp.data.formats import load_flickr30k
 from semvlp.io import atomic_path
 from semvlp.metrics import evaluate_retrieval
-from semvlp.tasks.common import Encoder, TaskSettings, autocast, batches_of, device_of, resume_point, task_info, train
+from semvlp.tasks import task_spec
+from semvlp.tasks.common import Encoder, Task, autocast, batches_of, device_of
 
-IMAGE_SET = "flickr30k"
+IMAGE_SET = task_spec("retrieval").image_set
 EVAL_PAIRS_PER_BATCH = 512
 REGION_KEYS = ("region_feats", "region_geom", "region_mask")
 TEXT_KEYS = ("input_ids", "text_mask")
@@ -59,99 +60,68 @@ class PairInputs:
         return batch
 
 
-def build_model(encoder: Encoder, info: dict) -> RetrievalModel:
-    return RetrievalModel(encoder)
+class Retrieval(Task):
+    name = "retrieval"
 
+    def training_examples(self):
+        s = self.settings
+        self.images = [image for split in s.train_splits for image in load_flickr30k(self.files["dataset"], split)]
+        self.captions = [(caption, i) for i, image in enumerate(self.images) for caption in image.captions]
+        self.pair_inputs = PairInputs(self.bank, self.tokenizer, s.max_text_length, [image.img_id for image in self.images])
+        self.generators["negatives"] = self.negatives_generator = torch.Generator().manual_seed(s.seed + 7)
+        # the caption list train() is given may be cut to max_train_examples; epochs count its steps
+        self.steps_per_epoch = (len(self.captions[: s.max_train_examples]) + s.batch_size - 1) // s.batch_size
+        return self.captions, {}
 
-def predict(model: RetrievalModel, info: dict, files, split: str, bank: RegionBank, tokenizer, out_dir) -> Path:
-    """scores_{split}.npy: every caption of the split (rows, dataset order) against every image."""
-    scores = score_split(model, files["dataset"], split, bank, tokenizer, info["max_text_length"])
-    path = Path(out_dir) / f"scores_{split}.npy"
-    with atomic_path(path) as tmp, open(tmp, "wb") as file:
-        np.save(file, scores)  # a file object: np.save would add ".npy" to a temporary name
-    return path
+    def build_model(self, encoder, info) -> RetrievalModel:
+        return RetrievalModel(encoder)
 
+    def other_images(self, image: int, count: int) -> list[int]:
+        return draw_excluding(len(self.images), count, lambda i: i == image, self.negatives_generator)
 
-def evaluate(files, split: str, scores_path, info: dict) -> dict[str, float]:
-    return evaluate_retrieval(files["dataset"], split, scores_path)
+    def other_captions(self, image: int, count: int) -> list[int]:
+        return draw_excluding(len(self.captions), count, lambda c: self.captions[c][1] == image, self.negatives_generator)
 
-
-def run(
-    checkpoint,
-    files,
-    features_path,
-    tokenizer,
-    settings: TaskSettings,
-    out_dir,
-    job=None,
-    *,
-    negatives: int,
-    caption_negatives: int,
-    hard_negatives: bool,
-    candidate_pool: int,
-    hard_negatives_from_epoch: int,
-):
-    path = files["dataset"]
-    images = load_flickr30k(path, settings.train_split)
-    captions = [(caption, i) for i, image in enumerate(images) for caption in image.captions]
-    captions = captions[: settings.max_train_examples]
-    mining = dict(
-        negatives=negatives, caption_negatives=caption_negatives, hard_negatives=hard_negatives,
-        candidate_pool=candidate_pool, hard_negatives_from_epoch=hard_negatives_from_epoch,
-    )
-    info = task_info("retrieval", settings, checkpoint, len(captions), **mining)
-    encoder = Encoder.from_checkpoint(checkpoint, settings.mode)
-    bank = RegionBank({IMAGE_SET: features_path}, box_dim=encoder.config.box_dim)
-    model = build_model(encoder, info)
-    pair_inputs = PairInputs(bank, tokenizer, settings.max_text_length, [image.img_id for image in images])
-    generator = torch.Generator().manual_seed(settings.seed + 7)
-    steps_per_epoch = (len(captions) + settings.batch_size - 1) // settings.batch_size
-
-    def other_images(image: int, count: int) -> list[int]:
-        return draw_excluding(len(images), count, lambda i: i == image, generator)
-
-    def other_captions(image: int, count: int) -> list[int]:
-        return draw_excluding(len(captions), count, lambda c: captions[c][1] == image, generator)
-
-    def hardest(pools: list[list[tuple[str, int]]], count: int) -> list[list[int]]:
+    def hardest(self, model: RetrievalModel, pools: list[list[tuple[str, int]]], count: int) -> list[list[int]]:
         """Positions of the `count` best-scoring (text, image) pairs of each pool, all scored in one pass."""
         flat = [pair for pool in pools for pair in pool]
         was_training = model.training
         model.eval()  # score candidates as the model ranks at test time (no dropout)
         with torch.no_grad():
-            scores = model(pair_inputs([text for text, _ in flat], [image for _, image in flat]))
+            scores = model(self.pair_inputs([text for text, _ in flat], [image for _, image in flat]))
         model.train(was_training)
         return [s.topk(min(count, len(s))).indices.tolist() for s in scores.split([len(pool) for pool in pools])]
 
-    def negatives_for(chunk, step: int) -> tuple[list[list[int]], list[list[int]]]:
+    def negatives_for(self, model: RetrievalModel, chunk, step: int) -> tuple[list[list[int]], list[list[int]]]:
         """Per (caption, image) of the chunk: negative image indices, negative caption indices."""
-        mine = hard_negatives and step // steps_per_epoch >= hard_negatives_from_epoch
-        image_pools = [other_images(image, candidate_pool if mine else negatives) for _, image in chunk]
-        caption_pool = (candidate_pool if mine else caption_negatives) if caption_negatives else 0
-        caption_pools = [other_captions(image, caption_pool) for _, image in chunk]
+        s = self.settings
+        mine = s.hard_negatives and step // self.steps_per_epoch >= s.hard_negatives_from_epoch
+        image_pools = [self.other_images(image, s.candidate_pool if mine else s.negatives) for _, image in chunk]
+        caption_pool = (s.candidate_pool if mine else s.caption_negatives) if s.caption_negatives else 0
+        caption_pools = [self.other_captions(image, caption_pool) for _, image in chunk]
         if not mine:
             return image_pools, caption_pools
         pairs = [[(text, i) for i in pool] for (text, _), pool in zip(chunk, image_pools)]
-        pairs += [[(captions[c][0], image) for c in pool] for (_, image), pool in zip(chunk, caption_pools)]
-        best = hardest(pairs, max(negatives, caption_negatives))
+        pairs += [[(self.captions[c][0], image) for c in pool] for (_, image), pool in zip(chunk, caption_pools)]
+        best = self.hardest(model, pairs, max(s.negatives, s.caption_negatives))
         image_best, caption_best = best[: len(chunk)], best[len(chunk) :]
         return (
-            [[pool[k] for k in top[:negatives]] for pool, top in zip(image_pools, image_best)],
-            [[pool[k] for k in top[:caption_negatives]] for pool, top in zip(caption_pools, caption_best)],
+            [[pool[k] for k in top[: s.negatives]] for pool, top in zip(image_pools, image_best)],
+            [[pool[k] for k in top[: s.caption_negatives]] for pool, top in zip(caption_pools, caption_best)],
         )
 
-    def loss_of_batch(chunk, step):
-        image_negatives, text_negatives = negatives_for(chunk, step)
+    def loss(self, model: RetrievalModel, chunk, step: int) -> torch.Tensor:
+        negatives, caption_negatives = self.settings.negatives, self.settings.caption_negatives
+        image_negatives, text_negatives = self.negatives_for(model, chunk, step)
         texts = [text for text, _ in chunk]
         image_ids = [image for _, image in chunk]
         for (text, image), others in zip(chunk, image_negatives):
-            others = padded(others, negatives, image)  # tiny splits: fewer images than negatives
             texts += [text] * negatives
-            image_ids += others
+            image_ids += padded(others, negatives, image)  # tiny splits: fewer images than negatives
         for (text, image), others in zip(chunk, text_negatives):
-            texts += padded([captions[c][0] for c in others], caption_negatives, text)
+            texts += padded([self.captions[c][0] for c in others], caption_negatives, text)
             image_ids += [image] * caption_negatives
-        scores = model(pair_inputs(texts, image_ids))
+        scores = model(self.pair_inputs(texts, image_ids))
         positive, by_image, by_caption = scores.split([len(chunk), len(chunk) * negatives, len(chunk) * caption_negatives])
         target = torch.zeros(len(chunk), dtype=torch.long, device=scores.device)
         images_ranked = torch.cat([positive[:, None], by_image.view(len(chunk), negatives)], dim=1)  # [B, 1 + negatives]
@@ -161,10 +131,19 @@ def run(
             loss = (loss + nn.functional.cross_entropy(captions_ranked, target)) / 2
         return loss
 
-    resume = resume_point(out_dir, checkpoint, task="retrieval", **mining)
-    losses = train(model, captions, loss_of_batch, settings, job, desc="retrieval", generators={"negatives": generator}, **resume)
-    results = {split: evaluate(files, split, predict(model, info, files, split, bank, tokenizer, out_dir), info) for split in settings.eval_splits}
-    return {"train_loss_last": losses[-1], "num_train": len(captions)}, results, model, info
+    def predict(self, model, info, split, out_dir) -> Path:
+        """scores_{split}.npy: every caption of the split (rows, dataset order) against every image."""
+        scores = score_split(model, self.files["dataset"], split, self.bank, self.tokenizer, self.settings.max_text_length)
+        path = Path(out_dir) / f"scores_{split}.npy"
+        with atomic_path(path) as tmp, open(tmp, "wb") as file:
+            np.save(file, scores)  # a file object: np.save would add ".npy" to a temporary name
+        return path
+
+    def evaluate(self, split, scores_path, info):
+        return evaluate_retrieval(self.files["dataset"], split, scores_path)
+
+
+TASK = Retrieval
 
 
 def draw_excluding(population: int, count: int, excluded, generator: torch.Generator) -> list[int]:

@@ -6,6 +6,7 @@ from semvlp.config import ablation_variants, extraction_config, variant_model_co
 from semvlp.data import layout
 from semvlp.data.corpus import SOURCE_IMAGE_SET, corpus_source_files, held_out_files
 from semvlp.fingerprint import rule_fingerprint
+from semvlp.tasks import TASKS as TASK_SPECS
 
 
 DATA_ROOT = config["data"]["root"]
@@ -14,8 +15,6 @@ SEEDS = config["finetune"]["seeds"]
 IMAGE_SETS = config["regions"]["image_sets"]
 # Image sets read from another set's store, not extracted again (DEVELOPERS.md, "Image sets").
 FEATURES_FROM = config["regions"]["features_from"]
-# The image set each task reads (DEVELOPERS.md, "Image sets").
-TASK_IMAGE_SET = {"vqa": "coco", "gqa": "gqa", "nlvr2": "nlvr2", "retrieval": "flickr30k"}
 # Job priorities (DEVELOPERS.md, "Threads and priorities"): the pre-training chain first; region features
 # before any fine-tuning, which would otherwise wait for a feature shard the chain held back; then
 # fine-tunings longest first (default run: retrieval 165 s, VQA 90, GQA 46, NLVR2 29).
@@ -48,9 +47,15 @@ def tokenizer_vocab():
 
 
 def task_inputs(wildcards):
-    task = config["finetune"]["tasks"][wildcards.task]
-    files = layout.task_files(wildcards.task, DATA_ROOT, task["train_split"], task["eval_splits"])
+    """A task's data files by name (semvlp.tasks.TaskSpec.files)."""
+    files = TASK_SPECS[wildcards.task].files(DATA_ROOT, config["finetune"]["tasks"][wildcards.task])
     return {name: str(path) for name, path in files.items()}
+
+
+def task_features(wildcards):
+    """The feature stores of the image sets a task reads, by image set."""
+    image_sets = TASK_SPECS[wildcards.task].image_sets(config["finetune"]["tasks"][wildcards.task])
+    return {image_set: features(image_set) for image_set in image_sets}
 
 
 def corpus_inputs():

@@ -5,8 +5,8 @@
 rule finetune:
     input:
         unpack(task_inputs),
+        unpack(task_features),
         checkpoint=final_checkpoint,
-        features=lambda wildcards: features(TASK_IMAGE_SET[wildcards.task]),
         tokenizer=tokenizer_vocab(),
     output:
         metrics="results/finetune/{variant}/{task}/seed{seed}/metrics.json",
