@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 run: $(VENV)/.installed
 	$(VENV)/bin/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) results/all.tsv
+	@echo "Results: results/all.md, figures in results/figures/. The report with them all:"
+	@echo "  $(VENV)/bin/snakemake --report results/report.zip   (unzip it and open report/report.html)"
+	@echo "Runs in MLflow: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///results/mlflow.db --port 5000"
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest

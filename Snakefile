@@ -41,7 +41,13 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/regions.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/figures.smk"
 include: "workflow/rules/report.smk"
+
+
+# `snakemake --report results/report.zip`: this description, then the outputs marked report() (figures,
+# tables), by category.
+report: "workflow/report/workflow.rst"
 
 
 rule all:

@@ -8,7 +8,7 @@ Writes once, into --cache-dir:
   sized image sets, captions and questions of typical length (about 11 words).
 
 Then measures the peak resident memory (ru_maxrss) of
-* `vqa_peak_rss_mb`: preparing the VQA training examples (`semvlp.tasks.vqa.training_examples`: load
+* `vqa_peak_rss_mb`: preparing the VQA training examples (`semvlp.tasks.vqa.VQA.training_examples`: load
   and check both files, the answer table, sparse soft targets per question);
 * `corpus_peak_rss_mb`: loading the corpus for a phase as `PretrainBatches` holds it
   (`semvlp.data.corpus.read_corpus`, the distinct images it samples mismatches from, and every
@@ -108,10 +108,16 @@ def write_corpus(folder: Path, count: int) -> Path:
 VQA_JOB = """
 import json, resource, sys, time
 import semvlp.pretrain
-from semvlp.tasks.vqa import training_examples
+from semvlp.config import SCHEMA_PATH, load_config
+from semvlp.tasks import TASKS
+spec = TASKS["vqa"]
+section = {{**load_config(SCHEMA_PATH.parents[2] / "config" / "config.yaml")["finetune"]["tasks"]["vqa"],
+           "train_splits": ["train2014"], "min_answer_count": {min_count}}}
+settings = spec.settings.from_config(section, seed=0, max_text_length=20)
+task = spec.implementation()(settings, {{"train2014_questions": sys.argv[1], "train2014_annotations": sys.argv[2]}}, None, None)
 tic = time.perf_counter()
-table, examples = training_examples(sys.argv[1], sys.argv[2], {min_count})
-print(json.dumps({{"answers": len(table), "examples": len(examples), "seconds": time.perf_counter() - tic,
+examples, recorded = task.training_examples()
+print(json.dumps({{"answers": len(recorded["answers"]), "examples": len(examples), "seconds": time.perf_counter() - tic,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 

@@ -36,6 +36,12 @@ STAGES = {
     "pretrain_phase": "pretrain",
     "finetune": "finetune",
     "export_model": "report",
+    "figure_pretraining": "pretrain",
+    "figure_finetuning": "finetune",
+    "figure_vqa": "finetune",
+    "figure_retrieval": "finetune",
+    "figure_detections": "regions",
+    "figure_detector": "regions",
     "report": "report",
     "ablation_report": "report",
 }
@@ -302,13 +308,17 @@ def _finetune(smk, job):
         job=job,
     )
     job.set_tags({"semvlp.mode": summary["mode"]})  # `auto` resolved against the checkpoint
+    predictions = summary.pop("predictions")
     for split, metrics in results.items():
         job.log_metrics({f"{split}.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    for path in sorted(out_dir.glob("predictions_*")) + sorted(out_dir.glob("scores_*")):
-        job.log_artifact(path, "predictions")
+    for name in predictions.values():
+        job.log_artifact(out_dir / name, "predictions")
     write_json(
         smk.output.metrics,
-        {"variant": smk.wildcards.variant, "task": task, "seed": seed, "run_id": job.run_id, "train": summary, "results": results},
+        {
+            "variant": smk.wildcards.variant, "task": task, "seed": seed, "run_id": job.run_id, "train": summary,
+            "results": results, "predictions": predictions,
+        },
         indent=1,
     )
     job.log_artifact(smk.output.metrics)
@@ -337,12 +347,84 @@ def _export_model(smk, job):
     job.log_artifact(Path(smk.output[0]) / "README.md")
 
 
+# ------------------------------------------------------------------------------------------- figures
+
+
+def _log_figures(job, paths, upstream: list[str | Path] = ()) -> None:
+    """Log figures to the job's run and to the runs of the jobs they show (`upstream`: their outputs'
+    .run_id files), so MLflow shows each beside the metrics it plots."""
+    for path in paths:
+        job.log_artifact(path, "figures")
+        for output in upstream:
+            job.log_artifact_to(tracking.read_run_id(f"{output}.run_id"), path, "figures")
+
+
+@handler("figure_pretraining")
+def _figure_pretraining(smk, job):
+    from semvlp.figures import grounding_figure, pretraining_figure, save_figure
+
+    variant, phases = smk.wildcards.variant, list(smk.input)
+    save_figure(pretraining_figure(variant, phases), smk.output.curves)
+    save_figure(grounding_figure(variant, phases), smk.output.grounding)
+    last_checkpoint = phases[-1].replace(".metrics.json", ".safetensors")
+    _log_figures(job, [smk.output.curves, smk.output.grounding], [last_checkpoint])
+
+
+@handler("figure_finetuning")
+def _figure_finetuning(smk, job):
+    from semvlp.figures import finetuning_figure, save_figure
+
+    _log_figures(job, [save_figure(finetuning_figure(list(smk.input.metrics)), smk.output[0])])
+
+
+@handler("figure_vqa")
+def _figure_vqa(smk, job):
+    from semvlp.figures import save_figure, vqa_figure
+
+    figure = vqa_figure(list(smk.input.metrics), smk.input.questions, smk.input.annotations)
+    _log_figures(job, [save_figure(figure, smk.output[0])])
+
+
+@handler("figure_retrieval")
+def _figure_retrieval(smk, job):
+    from semvlp.figures import retrieval_figure, save_figure
+
+    _log_figures(job, [save_figure(retrieval_figure(list(smk.input.metrics), smk.input.dataset), smk.output[0])])
+
+
+@handler("figure_detections")
+def _figure_detections(smk, job):
+    from semvlp.figures import detections_figure, save_figure
+
+    stores = dict(zip(smk.params.image_sets, smk.input.stores))
+    _log_figures(job, [save_figure(detections_figure(stores, smk.params.image_dirs), smk.output[0])])
+
+
+@handler("figure_detector")
+def _figure_detector(smk, job):
+    from semvlp.figures import detector_figure, save_figure
+
+    _log_figures(job, [save_figure(detector_figure(smk.input[0]), smk.output[0])], [smk.input[0]])
+
+
 @handler("report")
 @handler("ablation_report")
 def _report(smk, job):
-    from semvlp.report import write_tables
+    import yaml
+
+    from semvlp.figures import results_figure, save_figure
+    from semvlp.report import write_provenance, write_tables
 
     table = write_tables(list(smk.input.metrics), smk.params.variants, smk.output.tsv, smk.output.markdown)
+    title = "ablation" if smk.rule == "ablation_report" else "results"
+    save_figure(results_figure(smk.output.tsv, title), smk.output.figure)
+    write_text(smk.output.config, yaml.safe_dump(dict(smk.params.config), sort_keys=False))
+    commit, dirty = tracking.git_state()
+    runs = {path: path for path in smk.input.metrics}
+    runs.update({path: f"{path}.run_id" for path in [*smk.input.get("figures", []), *smk.params.checkpoints]})
+    write_provenance(smk.output.provenance, commit=commit, dirty=dirty, config_path=smk.output.config, runs=runs)
     job.log_metrics({"rows": len(table)})
-    job.log_artifact(smk.output.tsv)
-    job.log_artifact(smk.output.markdown)
+    for path in (smk.output.tsv, smk.output.markdown, smk.output.figure, smk.output.provenance, smk.output.config):
+        job.log_artifact(path)
+    for path in smk.input.get("figures", []):
+        job.log_artifact(path, "figures")

@@ -570,14 +570,13 @@ def _stable_descending_ranks(scores: np.ndarray, axis: int) -> np.ndarray:
     return ranks
 
 
-def retrieval_recalls(scores: np.ndarray, caption_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Recall@K of image-text retrieval in both directions, in percent (not rounded).
+def retrieval_ranks(scores: np.ndarray, caption_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ranks of the right answer: of each caption's image in its row (num_captions,), and of
+    each image's best-ranked caption in its column (num_images,).
 
     scores: (num_captions, num_images), higher = more similar. caption_image: (num_captions,), the
     index of each caption's image; every image must have at least one caption.
-    Text->image (`ir_r{k}`): a caption's query is a hit when its image ranks in the top k of its row.
-    Image->text (`tr_r{k}`): an image's query is a hit when any of its captions ranks in the top k of
-    its column. Ties are broken by index (see `_stable_descending_ranks`). `rsum` is the sum of all.
+    Ties are broken by index (see `_stable_descending_ranks`).
     """
     scores = np.asarray(scores)
     caption_image = np.asarray(caption_image)
@@ -605,6 +604,19 @@ def retrieval_recalls(scores: np.ndarray, caption_image: np.ndarray, ks: Sequenc
     best_caption_rank = np.full(num_images, num_captions)
     np.minimum.at(best_caption_rank, caption_image, caption_rank)  # (num_images,)
 
+    return image_rank, best_caption_rank
+
+
+def retrieval_recalls(scores: np.ndarray, caption_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Recall@K of image-text retrieval in both directions, in percent (not rounded).
+
+    scores: (num_captions, num_images), higher = more similar. caption_image: (num_captions,), the
+    index of each caption's image; every image must have at least one caption.
+    Text->image (`ir_r{k}`): a caption's query is a hit when its image ranks in the top k of its row.
+    Image->text (`tr_r{k}`): an image's query is a hit when any of its captions ranks in the top k of
+    its column. `rsum` is the sum of all.
+    """
+    image_rank, best_caption_rank = retrieval_ranks(scores, caption_image)
     recalls: dict[str, float] = {}
     for k in ks:
         recalls[f"ir_r{k}"] = 100.0 * float(np.mean(image_rank < k))
@@ -614,13 +626,12 @@ def retrieval_recalls(scores: np.ndarray, caption_image: np.ndarray, ks: Sequenc
     return recalls
 
 
-def evaluate_retrieval(dataset_path: str | Path, split: str, scores_path: str | Path) -> dict:
-    """Flickr30K retrieval recalls of a score matrix over one Karpathy split.
+def read_retrieval_scores(dataset_path: str | Path, split: str, scores_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A score matrix over one Karpathy split, checked against the split, and its caption -> image index.
 
     dataset: Karpathy `dataset_flickr30k.json` (`{"images": [{"filename", "split", "sentences"}]}`).
     The split's images are taken in file order, and its captions image by image, sentence by sentence.
     scores: a `.npy` array (num_captions, num_images) for that split, higher = more similar.
-    Returns R@1/5/10 both ways and `rsum` in percent rounded to 2 decimals, plus the counts.
     """
     dataset_path, scores_path = Path(dataset_path), Path(scores_path)
     images = _require_key_list(read_json(dataset_path), "images", dataset_path)
@@ -659,8 +670,14 @@ def evaluate_retrieval(dataset_path: str | Path, split: str, scores_path: str | 
     if len(nan_positions):
         caption, image = (int(v) for v in nan_positions[0])
         raise InputError(f"score [{caption}, {image}] is NaN", scores_path)
+    return scores, caption_image
 
+
+def evaluate_retrieval(dataset_path: str | Path, split: str, scores_path: str | Path) -> dict:
+    """Flickr30K retrieval recalls of a score matrix over one Karpathy split (`read_retrieval_scores`):
+    R@1/5/10 both ways and `rsum` in percent rounded to 2 decimals, plus the counts."""
+    scores, caption_image = read_retrieval_scores(dataset_path, split, scores_path)
     recalls = retrieval_recalls(scores, caption_image)
     result: dict[str, Any] = {name: _round_2(value) for name, value in recalls.items()}
-    result["num_captions"], result["num_images"] = expected_shape
+    result["num_captions"], result["num_images"] = scores.shape
     return result

@@ -1,4 +1,5 @@
-"""Results tables: the tidy `all.tsv` and a paper-style markdown table (mean ± std over seeds)."""
+"""Results tables: the tidy `all.tsv`, a paper-style markdown table (mean ± std over seeds), and the
+provenance of a report (code commit, config, the MLflow run of every job behind it)."""
 
 from __future__ import annotations
 
@@ -76,4 +77,25 @@ def write_tables(metrics_paths: Iterable[str | Path], variants: list[str], tsv_p
     table = tidy_rows(metrics_paths)
     write_text(tsv_path, table.to_csv(sep="\t", index=False))
     write_text(markdown_path, paper_table(table, variants))
+    return table
+
+
+PROVENANCE_COLUMNS = ["kind", "name", "value"]
+
+
+def write_provenance(
+    path: str | Path, *, commit: str, dirty: str, config_path: str | Path, runs: dict[str, str | Path]
+) -> pd.DataFrame:
+    """provenance.tsv: the code commit (and whether the tree had uncommitted changes), the config file,
+    and the MLflow run id of each output in `runs` ({output: its `.run_id` file or a metrics.json})."""
+    rows = [["code", "commit", commit], ["code", "uncommitted changes", dirty], ["config", "complete config", str(config_path)]]
+    for output, source in runs.items():
+        source = Path(source)
+        if source.suffix == ".json":
+            run_id = read_json(source).get("run_id", "")
+        else:
+            run_id = source.read_text().strip() if source.is_file() else ""
+        rows.append(["mlflow run", str(output), run_id or "(tracking off)"])
+    table = pd.DataFrame(rows, columns=PROVENANCE_COLUMNS)
+    write_text(path, table.to_csv(sep="\t", index=False))
     return table

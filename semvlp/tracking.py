@@ -368,6 +368,12 @@ class JobRun:
         if self._client and Path(path).is_file():
             _retry_locked(self._client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def log_artifact_to(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file to another job's run (one of this invocation's or an earlier one's); nothing
+        when that job ran with tracking off (no run id)."""
+        if self._client and run_id and Path(path).is_file():
+            _retry_locked(self._client.log_artifact, run_id, str(path), artifact_path)
+
     def _start_system_metrics(self, interval_s: float) -> None:
         self._sampler = SystemMetricsSampler(self._client, self.run_id, interval_s)
         self._sampler.start()

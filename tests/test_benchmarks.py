@@ -1,5 +1,5 @@
-"""The benchmarks run end to end: training throughput (its work accounting says what the docstring claims)
-and the input pipeline."""
+"""The benchmarks run end to end: training throughput (its work accounting says what the docstring claims),
+the input pipeline, paper-scale memory and the CPU code-path study."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import cpu_determinism  # noqa: E402
 import input_pipeline  # noqa: E402
 import paper_scale_memory  # noqa: E402
 import train_throughput  # noqa: E402
@@ -78,3 +79,12 @@ def test_paper_scale_memory_benchmark_measures_both_preparations(tmp_path, capsy
     assert figures["corpus_sentences"] == 5000
     assert figures["vqa_answers"] == 2000 // (2 * 9) and 0 < figures["vqa_examples"] <= 2000
     assert figures["vqa_peak_rss_mb"] > 0 and figures["corpus_peak_rss_mb"] > 0
+
+
+def test_cpu_determinism_benchmark_runs_each_setting_in_its_own_process(capsys):
+    settings = ["aten-avx2", "pinned-avx2", "pinned-avx2-again"]
+    cpu_determinism.main(["--steps", "2", "--batch-size", "2", "--threads", "1", "--settings", *settings])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(figures["settings"]) == {"default", *settings}
+    assert figures["settings"]["default"]["equals_default"] and figures["pinned_avx2_repeats"]
+    assert figures["settings"]["aten-avx2"]["aten_capability"] == "AVX2"  # the switch reached the process

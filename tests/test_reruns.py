@@ -110,39 +110,50 @@ def exports(variants=VARIANTS) -> set[Job]:
 
 
 REPORT = {job("report")}
+FINETUNE_FIGURES = {job("figure_finetuning"), job("figure_vqa"), job("figure_retrieval")}
+
+
+def pretraining_figures(variants=VARIANTS) -> set[Job]:
+    return {job("figure_pretraining", variant=v) for v in variants if PHASES[v]}
+
+
+FIGURES = pretraining_figures() | FINETUNE_FIGURES | {job("figure_detections"), job("figure_detector")}
 EXTRACTION = {job("extract_regions", image_set=s, shard=k) for s in IMAGE_SETS for k in range(SHARDS)}
 MERGES = {job("index_regions", image_set=s) for s in IMAGE_SETS}
 INITS = {job("init_model", variant=v) for v in VARIANTS}
 ALL_PHASES = set().union(*(phases(v) for v in VARIANTS))
 DATA = {job("generate_world"), job("build_corpus"), job("train_tokenizer")}
 DETECTOR = {job("train_detector")}
-ALL_JOBS = DATA | DETECTOR | EXTRACTION | MERGES | INITS | ALL_PHASES | finetunes() | exports() | REPORT
+ALL_JOBS = DATA | DETECTOR | EXTRACTION | MERGES | INITS | ALL_PHASES | finetunes() | exports() | REPORT | FIGURES
 
 CONFIG_CHANGES = {
     # one task's fine-tuning value: that task's jobs of every variant and seed, and the model cards
     # that give their results
     "finetune.tasks.vqa.lr": (
         {"finetune": {"tasks": {"vqa": {"lr": 2.0e-3}}}},
-        finetunes(tasks=("vqa",)) | exports() | REPORT,
+        finetunes(tasks=("vqa",)) | exports() | REPORT | {job("figure_finetuning"), job("figure_vqa")},
     ),
     # the mode of semvlp's 2nd phase: that phase onwards, not phase 1, not the other variant
     "pretrain.variants.semvlp.phases[2]": (
         {"pretrain": {"variants": {"semvlp": {"phases": ["single", "mixed"]}}}},
-        phases("semvlp", first=2) | finetunes(variants=("semvlp",)) | exports(("semvlp",)) | REPORT,
+        phases("semvlp", first=2) | finetunes(variants=("semvlp",)) | exports(("semvlp",)) | REPORT
+        | pretraining_figures(("semvlp",)) | FINETUNE_FIGURES,
     ),
     "pretrain.variants.semvlp.phases[1]": (
         {"pretrain": {"variants": {"semvlp": {"phases": ["two", "two"]}}}},
-        phases("semvlp", first=1) | finetunes(variants=("semvlp",)) | exports(("semvlp",)) | REPORT,
+        phases("semvlp", first=1) | finetunes(variants=("semvlp",)) | exports(("semvlp",)) | REPORT
+        | pretraining_figures(("semvlp",)) | FINETUNE_FIGURES,
     ),
     # shared by every phase: all phases and what they feed; `none` has no phase, so nothing of it
     "pretrain.phase.lr": (
         {"pretrain": {"phase": {"lr": 2.0e-3}}},
-        ALL_PHASES | finetunes(variants=[v for v in VARIANTS if PHASES[v]]) | exports([v for v in VARIANTS if PHASES[v]]) | REPORT,
+        ALL_PHASES | finetunes(variants=[v for v in VARIANTS if PHASES[v]]) | exports([v for v in VARIANTS if PHASES[v]]) | REPORT
+        | pretraining_figures() | FINETUNE_FIGURES,
     ),
     # box selection: extraction and everything downstream of features, not the data or the detector
     "regions.selection.max_boxes": (
         {"regions": {"selection": {"max_boxes": 5}}},
-        ALL_JOBS - DATA - DETECTOR,
+        ALL_JOBS - DATA - DETECTOR - {job("figure_detector")},
     ),
     # where runs are logged changes no result
     "tracking": (
@@ -154,12 +165,13 @@ CONFIG_CHANGES = {
 # Each edit appends a new function to the module: the fingerprints (semvlp.fingerprint) follow every
 # module a rule's jobs import, so exactly the jobs that run the module rerun, and what they feed.
 CODE_EDITS = {
-    "semvlp/report.py": exports() | REPORT,  # the model cards' results table
-    # a task module: only that task's fine-tunings (semvlp.tasks imports it by name)
-    "semvlp/tasks/vqa.py": finetunes(tasks=("vqa",)) | exports() | REPORT,
-    "semvlp/tasks/common.py": finetunes() | exports() | REPORT,
+    # the model cards' results table, and the figures (semvlp.figures reads its table columns)
+    "semvlp/report.py": exports() | REPORT | FIGURES,
+    # a task module: only that task's fine-tunings (TaskSpec.implementation imports it by name)
+    "semvlp/tasks/vqa.py": finetunes(tasks=("vqa",)) | exports() | REPORT | {job("figure_finetuning"), job("figure_vqa")},
+    "semvlp/tasks/common.py": finetunes() | exports() | REPORT | FINETUNE_FIGURES,
     # every phase measures its grounding with it, and init_model imports the pre-training module
-    "semvlp/diagnostics.py": INITS | ALL_PHASES | finetunes() | exports() | REPORT,
+    "semvlp/diagnostics.py": INITS | ALL_PHASES | finetunes() | exports() | REPORT | pretraining_figures() | FINETUNE_FIGURES,
     "semvlp/export.py": exports() | REPORT,
     "semvlp/regions/selection.py": ALL_JOBS - DATA,
 }

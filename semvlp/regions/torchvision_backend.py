@@ -293,6 +293,20 @@ def save_detector(detector: RegionDetector, path: str | Path, training: dict[str
         torch.save(checkpoint, tmp)
 
 
+def read_training_record(path: str | Path) -> dict[str, Any]:
+    """What `train_detector` recorded in a checkpoint it wrote (config, loss history, held-out metrics)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("detector checkpoint not found", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for a bad file
+        raise InputError(f"not a readable PyTorch weights file ({type(err).__name__}: {err})", path) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or not payload.get("training"):
+        raise InputError("not a detector checkpoint written by train_detector (no training record)", path)
+    return payload["training"]
+
+
 def load_detector(
     path: str | Path,
     *,

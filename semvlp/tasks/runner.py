@@ -34,7 +34,8 @@ def run_task(
     job=None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Fine-tune, evaluate every eval split and save the model to `model_dir`; returns (training
-    summary, {eval split: metrics}).
+    summary, {eval split: metrics}). The summary holds the loss of every step (`loss_history`) and the
+    file name of each split's predictions in `out_dir` (`predictions`).
 
     `task_config` is the validated config's section of the task; `feature_paths` the stores of the
     task's image sets by set. The summary's `mode` is the encoder mode used: the section's, or with
@@ -64,12 +65,15 @@ def run_task(
         partial=Path(out_dir) / "train.partial", identity={"checkpoint": file_stamp(checkpoint), "task": task},
         generators=runner.generators,
     )
-    results = {split: runner.evaluate(split, runner.predict(model, info, split, out_dir), info) for split in settings.eval_splits}
+    predictions, results = {}, {}
+    for split in settings.eval_splits:
+        path = runner.predict(model, info, split, out_dir)
+        predictions[split], results[split] = path.name, runner.evaluate(split, path, info)
     save_task_model(model, model_dir, info, tokenizer)
     summary = {"mode": settings.mode, "train_loss_last": losses[-1], "num_train": len(examples)}
     if "answers" in info:
         summary["num_answers"] = len(info["answers"])
-    return summary, results
+    return {**summary, "predictions": predictions, "loss_history": losses}, results
 
 
 def load_task_model(model_dir: str | Path, device: torch.device | None = None) -> tuple[TaskSpec, torch.nn.Module, dict, Any]:

@@ -107,6 +107,46 @@ def phase_mode(wildcards):
     return phases[index - 1]
 
 
+def phase_metrics(wildcards):
+    """A variant's phase metrics files, in schedule order."""
+    phases = schedule(wildcards.variant)
+    return [f"results/pretrain/{wildcards.variant}/phase{i}.metrics.json" for i in range(1, len(phases) + 1)]
+
+
+def vqa_figure_inputs(wildcards):
+    """The questions and annotations of VQA's first eval split, whose predictions the figure breaks down."""
+    split = config["finetune"]["tasks"]["vqa"]["eval_splits"][0]
+    return {"questions": str(layout.vqa_questions(DATA_ROOT, split)), "annotations": str(layout.vqa_annotations(DATA_ROOT, split))}
+
+
+def pretraining_figures(variants):
+    """The loss curves and grounding diagnostics of the variants that have phases."""
+    return [f"results/figures/{kind}/{v}.png" for v in variants if schedule(v) for kind in ("pretraining", "grounding")]
+
+
+def figure_outputs(variants):
+    """The figures of a run that reports `variants`: what each needs is in the run."""
+    tasks = config["finetune"]["tasks"]
+    figures = ["results/figures/finetuning.png", "results/figures/detections.png", *pretraining_figures(variants)]
+    if "vqa" in tasks and tasks["vqa"]["eval_splits"][0] not in layout.VQA_TEST_SPLITS:
+        figures.append("results/figures/vqa.png")
+    if "retrieval" in tasks:
+        figures.append("results/figures/retrieval.png")
+    if detector_weights():
+        figures.append("results/figures/detector.png")
+    return figures
+
+
+def pretrain_checkpoints(variants):
+    """Every checkpoint of the variants' phase chains (their .run_id files name the jobs' MLflow runs)."""
+    return [f"results/pretrain/{v}/phase{i}.safetensors" for v in variants for i in range(len(schedule(v)) + 1)]
+
+
+def config_without_tracking():
+    """The complete config, minus where runs are logged (which changes no result, so reruns nothing)."""
+    return {key: value for key, value in config.items() if key not in ("tracking", "experiment")}
+
+
 def finetune_outputs(variants, seeds=SEEDS):
     return expand(
         "results/finetune/{variant}/{task}/seed{seed}/metrics.json", variant=variants, task=TASKS, seed=seeds

@@ -31,7 +31,7 @@ rule build_corpus:
     output:
         corpus="results/corpus/pretrain.jsonl",
         answers="results/corpus/answers.json",
-        summary="results/corpus/summary.json",
+        summary=report("results/corpus/summary.json", caption="../report/corpus.rst", category="data", labels={"file": "corpus summary"}),
     params:
         corpus=config["data"]["corpus"],
         held_out=held_out(),

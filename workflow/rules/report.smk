@@ -1,5 +1,5 @@
-# Results: the reported variants' models (shareable, with a model card), the tidy TSV and the
-# paper-style markdown table.
+# Results: the reported variants' models (shareable, with a model card), the tidy TSV, the
+# paper-style markdown table, the results figure and the provenance of it all (the report's tables).
 
 
 rule export_model:
@@ -28,13 +28,19 @@ rule report:
     input:
         metrics=finetune_outputs(config["report"]["variants"]),
         models=expand("results/models/{variant}", variant=config["report"]["variants"]),
+        figures=figure_outputs(config["report"]["variants"]),
     output:
-        tsv="results/all.tsv",
-        markdown="results/all.md",
+        tsv=report("results/all.tsv", caption="../report/all.rst", category="results", labels={"table": "all.tsv (every run)"}),
+        markdown=report("results/all.md", caption="../report/all.rst", category="results", labels={"table": "all.md (paper table)"}),
+        figure=report("results/figures/results.png", caption="../report/results.rst", category="results", labels={"table": "figure"}),
+        provenance=report("results/provenance.tsv", caption="../report/provenance.rst", category="results", labels={"table": "provenance"}),
+        config=report("results/config.yaml", caption="../report/provenance.rst", category="results", labels={"table": "config"}),
     params:
         variants=config["report"]["variants"],
         tasks=TASKS,
         seeds=SEEDS,
+        checkpoints=pretrain_checkpoints(config["report"]["variants"]),
+        config=config_without_tracking(),
         code=code("report"),
     log:
         "results/logs/report.log",
@@ -51,13 +57,19 @@ rule report:
 rule ablation_report:
     input:
         metrics=finetune_outputs(ablation_variants(config), config["ablation"]["seeds"]),
+        figures=pretraining_figures(ablation_variants(config)),
     output:
-        tsv="results/ablation.tsv",
-        markdown="results/ablation.md",
+        tsv=report("results/ablation.tsv", caption="../report/ablation.rst", category="results", labels={"table": "ablation.tsv (every run)"}),
+        markdown=report("results/ablation.md", caption="../report/ablation.rst", category="results", labels={"table": "ablation.md"}),
+        figure=report("results/figures/ablation.png", caption="../report/ablation.rst", category="results", labels={"table": "ablation figure"}),
+        provenance=report("results/ablation_provenance.tsv", caption="../report/provenance.rst", category="results", labels={"table": "ablation provenance"}),
+        config=report("results/ablation_config.yaml", caption="../report/provenance.rst", category="results", labels={"table": "ablation config"}),
     params:
         variants=ablation_variants(config),
         tasks=TASKS,
         seeds=config["ablation"]["seeds"],
+        checkpoints=pretrain_checkpoints(ablation_variants(config)),
+        config=config_without_tracking(),
         code=code("ablation_report"),
     log:
         "results/logs/ablation_report.log",
