@@ -154,7 +154,7 @@ def _train_detector(smk, job):
 
     cfg = {**smk.params.train, "detector": {"representation_size": smk.params.torchvision["representation_size"]}, "num_threads": smk.threads}
     result = train_detector(smk.input.instances, Path(smk.input.images) / "train2014", smk.output[0], cfg)
-    for step, loss in enumerate(result.get("losses", [])):
+    for step, loss in enumerate(result["loss_history"]):
         job.log_metrics({"loss": loss}, step=step)
     job.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
 
@@ -351,12 +351,14 @@ def _export_model(smk, job):
 
 
 def _log_figures(job, paths, upstream: list[str | Path] = ()) -> None:
-    """Log figures to the job's run and to the runs of the jobs they show (`upstream`: their outputs'
-    .run_id files), so MLflow shows each beside the metrics it plots."""
-    for path in paths:
-        job.log_artifact(path, "figures")
+    """Log figures to the job's run and to the runs of the jobs they show (`upstream`: their outputs,
+    whose .run_id files name the runs), so MLflow shows each beside the metrics it plots. Each goes
+    under `figures/` as below results/figures/ (pretraining/semvlp.png and grounding/semvlp.png apart)."""
+    for path in map(Path, paths):
+        folder = "figures" if path.parent.name == "figures" else f"figures/{path.parent.name}"
+        job.log_artifact(path, folder)
         for output in upstream:
-            job.log_artifact_to(tracking.read_run_id(f"{output}.run_id"), path, "figures")
+            job.log_artifact_to(tracking.read_run_id(f"{output}.run_id"), path, folder)
 
 
 @handler("figure_pretraining")
@@ -426,5 +428,4 @@ def _report(smk, job):
     job.log_metrics({"rows": len(table)})
     for path in (smk.output.tsv, smk.output.markdown, smk.output.figure, smk.output.provenance, smk.output.config):
         job.log_artifact(path)
-    for path in smk.input.get("figures", []):
-        job.log_artifact(path, "figures")
+    _log_figures(job, smk.input.get("figures", []))

@@ -74,6 +74,42 @@ def test_the_results_figure_shows_each_variants_mean_and_spread_over_seeds(tmp_p
     assert [sorted(values.tolist()) for values in spreads] == [[60.0, 64.0], [50.0, 52.0]]  # each seed a dot
 
 
+@pytest.mark.slow
+def test_figures_are_logged_to_mlflow_beside_the_metrics_they_plot(tiny_run):
+    """Each figure job's run holds its figures; the pre-training figures are also in the last phase's
+    run and the detector's curve in the detector's, next to the metrics they plot."""
+    from mlflow.tracking import MlflowClient
+
+    results = tiny_run.workdir / "results"
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("semvlp-tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+
+    def figures_of(run_id: str, folder: str = "figures") -> set[str]:
+        """The run's artifacts under `folder`, by path below it."""
+        found = set()
+        for artifact in client.list_artifacts(run_id, folder):
+            if artifact.is_dir:
+                found |= {f"{Path(artifact.path).name}/{name}" for name in figures_of(run_id, artifact.path)}
+            else:
+                found.add(Path(artifact.path).name)
+        return found
+
+    by_rule = {}
+    for run in runs:
+        by_rule.setdefault(run.data.tags.get("semvlp.rule"), []).append(run)
+    assert figures_of(by_rule["figure_pretraining"][0].info.run_id) == {"pretraining/semvlp.png", "grounding/semvlp.png"}
+    assert figures_of(by_rule["figure_vqa"][0].info.run_id) == {"vqa.png"}
+    last_phase = (results / "pretrain" / "semvlp" / "phase2.safetensors.run_id").read_text().strip()
+    assert figures_of(last_phase) == {"pretraining/semvlp.png", "grounding/semvlp.png"}
+    assert "loss_mlm" in client.get_run(last_phase).data.metrics
+    detector = (results / "detector" / "detector.pt.run_id").read_text().strip()
+    assert figures_of(detector) == {"detector.png"} and "loss" in client.get_run(detector).data.metrics
+    report = by_rule["report"][0].info.run_id
+    assert {"finetuning.png", "detections.png", "pretraining/semvlp.png"} <= figures_of(report)
+    assert "results.png" in {Path(a.path).name for a in client.list_artifacts(report)}
+
+
 @pytest.mark.parametrize("content, words", [("{not json", "not valid JSON"), ('{"summary": {}}', "no 'history'")])
 def test_a_malformed_metrics_file_is_refused_naming_it(tmp_path, content, words):
     path = tmp_path / "phase1.metrics.json"

@@ -293,15 +293,20 @@ def save_detector(detector: RegionDetector, path: str | Path, training: dict[str
         torch.save(checkpoint, tmp)
 
 
+def _read_weights_file(path: Path) -> Any:
+    """The object a weights file holds (tensors and plain containers only: weights_only)."""
+    if not path.is_file():
+        raise InputError("detector weights file not found", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for a bad file
+        raise InputError(f"not a readable PyTorch weights file ({type(err).__name__}: {err})", path) from None
+
+
 def read_training_record(path: str | Path) -> dict[str, Any]:
     """What `train_detector` recorded in a checkpoint it wrote (config, loss history, held-out metrics)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError("detector checkpoint not found", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for a bad file
-        raise InputError(f"not a readable PyTorch weights file ({type(err).__name__}: {err})", path) from None
+    payload = _read_weights_file(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or not payload.get("training"):
         raise InputError("not a detector checkpoint written by train_detector (no training record)", path)
     return payload["training"]
@@ -321,12 +326,7 @@ def load_detector(
     settings of the spec (min_size, max_size, rpn_*_test).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError("detector weights file not found", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for a bad file
-        raise InputError(f"not a readable PyTorch weights file ({type(err).__name__}: {err})", path) from None
+    payload = _read_weights_file(path)
     if not isinstance(payload, dict):
         raise InputError("weights file does not hold a state dict or a semvlp detector checkpoint", path)
 

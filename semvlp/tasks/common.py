@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from semvlp.batching import RegionBank, encode_text, encoder_inputs
-from semvlp.engine import OptimizerSettings, Trainer, autocast, file_stamp
+from semvlp.engine import OptimizerSettings, Trainer, autocast
 from semvlp.io import atomic_directory, write_json
 from semvlp.model import CONFIG_NAME, WEIGHTS_NAME, SemVLPForPreTraining, read_weights_metadata, save_weights
 from semvlp.tasks import TaskSettings, TaskSpec, task_spec
