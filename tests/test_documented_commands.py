@@ -17,8 +17,9 @@ DOCUMENTS = [REPO / "README.md", REPO / "DEVELOPERS.md", *sorted((REPO / "config
              *sorted((REPO / "workflow" / "profiles").glob("*/config.yaml"))]
 # a command in an inline code span, a code block line or a comment line: up to the span's end or a comment
 COMMAND = re.compile(r"(?:^|`|#\s+|\$ )((?:\.venv/bin/)?snakemake\s[^`#\n]*)", re.MULTILINE)
-# commands that do not plan a run: tool options, shown as fragments in prose
-NOT_RUNS = ("--sdm", "--lint", "--unlock")
+# commands that do not plan a run: tool options, shown as fragments in prose, and the report of a
+# finished run (tests/test_figures.py builds it after the tiny run and opens it)
+NOT_RUNS = ("--sdm", "--lint", "--unlock", "--report")
 
 
 def documented_commands() -> list[tuple[str, str]]:
